@@ -1,0 +1,1 @@
+"""Reusable Lightning callbacks that work on any supported Hugging Face model."""

@@ -1,0 +1,5 @@
+"""LightningModules, one per method; importing this package registers them with the CLI."""
+
+from lightning_modules.moe_pretraining import MoEPretraining, NonFiniteLossError
+
+__all__ = ["MoEPretraining", "NonFiniteLossError"]

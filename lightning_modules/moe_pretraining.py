@@ -1,0 +1,177 @@
+"""Language-model pretraining of an MoE transformer: TopK vs Default MoE routing.
+
+Default MoE: Panda et al., "Dense Backpropagation Improves Training for Sparse
+Mixture-of-Experts", arXiv 2504.12463. The routing itself lives in ``models.moe``; this
+module adds the objective (next-token cross-entropy + α·load-balancing + optional z-loss),
+AdamW with linear warm-up and cosine decay, and the logs a researcher compares the two
+routers by: losses, perplexity, tokens/s, per-expert load and router gradient density.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
+from torchmetrics import MeanMetric
+
+from models.moe import MoETransformer
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; training stops, checkpoints stay as they were."""
+
+
+class MoEPretraining(L.LightningModule):
+    def __init__(
+        self,
+        model: MoETransformer,
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.1,
+        aux_loss_coef: float = 0.01,
+        z_loss_coef: float = 0.0,
+        log_expert_load_every_n_steps: int = 50,
+    ):
+        """
+        Args:
+            model: the MoE transformer to train.
+            lr: peak AdamW learning rate.
+            weight_decay: AdamW weight decay on matrices (not on norms).
+            betas: AdamW betas.
+            warmup_steps: linear warm-up steps.
+            min_lr_ratio: the cosine decays to ``lr·min_lr_ratio`` at ``trainer.max_steps``.
+            aux_loss_coef: α of the load-balancing loss α·E·Σ f_i·P_i.
+            z_loss_coef: weight of the router z-loss (0 disables it, the paper's setting).
+            log_expert_load_every_n_steps: how often the per-expert load histogram is written.
+        """
+        super().__init__()
+        if not lr > 0:
+            raise ValueError(f"model.lr={lr} must be > 0")
+        if weight_decay < 0 or aux_loss_coef < 0 or z_loss_coef < 0:
+            raise ValueError("model.weight_decay, model.aux_loss_coef and model.z_loss_coef must be ≥ 0")
+        if warmup_steps < 0 or not 0 <= min_lr_ratio <= 1:
+            raise ValueError(f"model.warmup_steps={warmup_steps} must be ≥ 0 and model.min_lr_ratio={min_lr_ratio} in [0, 1]")
+        self.save_hyperparameters(ignore=["model"])
+        self.model = model
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
+        self._load = torch.zeros(model.n_layers, model.n_experts, dtype=torch.long)
+        self._last_step_time: float | None = None
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data_vocab = getattr(dm, "vocab_size", None)
+        if data_vocab is not None and data_vocab > self.model.vocab_size:
+            raise ValueError(
+                f"model.model.init_args.vocab_size={self.model.vocab_size} is smaller than the tokenizer's "
+                f"{data_vocab} (data.tokenizer={dm.tokenizer_name!r}); set it to at least {data_vocab}"
+            )
+        block = getattr(dm, "block_size", None)
+        if block is not None and block > self.model.max_seq_len:
+            raise ValueError(f"data.block_size={block} exceeds model.model.init_args.max_seq_len={self.model.max_seq_len}")
+
+    def _lm_loss(self, batch: dict[str, torch.Tensor]):
+        out = self.model(batch["input_ids"])
+        lm = F.cross_entropy(out.logits.flatten(0, 1).float(), batch["labels"].flatten())
+        return lm, out
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        lm, out = self._lm_loss(batch)
+        hp = self.hparams
+        loss = lm + hp.aux_loss_coef * out.aux_loss + hp.z_loss_coef * out.z_loss
+        if not torch.isfinite(loss):
+            ckpt = getattr(self.trainer.checkpoint_callback, "dirpath", None)
+            raise NonFiniteLossError(
+                f"train/loss is {loss.item()} at step {self.global_step}; training stopped"
+                + (f", the last good checkpoint is in {ckpt}" if ckpt else "")
+            )
+        self.log("train/loss", lm, prog_bar=True)
+        self.log_dict({"train/aux_loss": out.aux_loss, "train/z_loss": out.z_loss, "train/total_loss": loss})
+        counts = out.expert_counts.detach().cpu()
+        self._load += counts
+        imbalance = (counts.max(-1).values.float() * self.model.n_experts / counts.sum(-1).clamp(min=1)).mean()
+        self.log("moe/load_imbalance", imbalance)  # max_i f_i · E, 1 = perfectly balanced
+
+        now = time.perf_counter()
+        if self._last_step_time is not None:
+            tokens = batch["input_ids"].numel() * self.trainer.world_size
+            self.log("train/tokens_per_s", tokens / (now - self._last_step_time))
+        self._last_step_time = now
+        return loss
+
+    def on_after_backward(self) -> None:
+        masks = [m.router_grad_nonzero for m in self.model.moe_layers if m.router_grad_nonzero is not None]
+        if masks:
+            # Share of (token, expert) pairs whose router probability got a gradient from the
+            # mixture: K/E under TopK routing, 1 under Default MoE.
+            self.log("moe/router_grad_density", torch.stack([m.float().mean() for m in masks]).mean())
+            for m in self.model.moe_layers:
+                m.router_grad_nonzero = None
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        every = self.hparams.log_expert_load_every_n_steps
+        if every and self.global_step % every == 0 and self.trainer.is_global_zero:
+            for logger in self.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    _log_expert_load(logger, self._load, self.global_step)
+            self._load.zero_()
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        lm, _ = self._lm_loss(batch)
+        self.val_loss.update(lm, weight=batch["labels"].numel())
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.log_dict({"val/loss": loss, "val/ppl": torch.exp(loss)}, prog_bar=True, sync_dist=False)
+        self.val_loss.reset()
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        lm, _ = self._lm_loss(batch)
+        self.test_loss.update(lm, weight=batch["labels"].numel())
+
+    def on_test_epoch_end(self) -> None:
+        loss = self.test_loss.compute()
+        self.log_dict({"test/loss": loss, "test/ppl": torch.exp(loss)})
+        self.test_loss.reset()
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.lr, betas=tuple(hp.betas),
+        )
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier: linear warm-up to 1, then cosine to ``min_ratio`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _log_expert_load(logger: TensorBoardLogger, load: torch.Tensor, step: int) -> None:
+    """One histogram per layer with the expert index on the x axis and its token count as height."""
+    for layer, counts in enumerate(load.tolist()):
+        n = sum(counts)
+        if n == 0:
+            continue
+        idx = range(len(counts))
+        logger.experiment.add_histogram_raw(
+            f"moe/expert_load/L{layer}", min=0, max=len(counts) - 1, num=n,
+            sum=float(sum(i * c for i, c in zip(idx, counts))),
+            sum_squares=float(sum(i * i * c for i, c in zip(idx, counts))),
+            bucket_limits=[i + 0.5 for i in idx], bucket_counts=counts, global_step=step,
+        )

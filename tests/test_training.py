@@ -1,0 +1,125 @@
+"""End-to-end properties of MoE pretraining: exact resume, DDP equivalence, NaN handling."""
+
+import os
+
+import lightning as L
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from datamodules import TextDataModule
+from lightning_modules import MoEPretraining, NonFiniteLossError
+from models import MoETransformer
+
+
+def _module(mode="default", seed=0, **kw):
+    torch.manual_seed(seed)
+    net = MoETransformer(vocab_size=257, d_model=32, n_layers=2, n_heads=4, n_experts=4, top_k=2, d_expert=32,
+                         router_mode=mode, max_seq_len=32)
+    return MoEPretraining(net, lr=3e-3, warmup_steps=2, **kw)
+
+
+class StopAt(Callback):
+    """Interrupt a run part-way, as a crash or a pre-empted job would (same max_steps, same schedule)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            trainer.should_stop = True
+
+
+class LossRecorder(Callback):
+    def __init__(self):
+        self.losses = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses[trainer.global_step] = outputs["loss"].item()
+
+
+def _trainer(tmp_path, max_steps, callbacks):
+    return L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, limit_val_batches=0, callbacks=callbacks, default_root_dir=tmp_path,
+                     gradient_clip_val=1.0)
+
+
+@pytest.mark.parametrize("mode", ["default", "topk"])
+def test_resume_continues_the_same_loss_curve(corpus, tmp_path, mode):
+    data = dict(source=str(corpus), block_size=32, batch_size=4, val_fraction=0.2, cache_dir=str(tmp_path / "c"))
+    L.seed_everything(0)
+    full = LossRecorder()
+    trainer = _trainer(tmp_path / "a", 14, [full])
+    trainer.fit(_module(mode), TextDataModule(**data))
+    assert len(full.losses) == 14 and trainer.current_epoch >= 1  # the resumed part crosses an epoch
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=4, save_top_k=-1, filename="{step}")
+    L.seed_everything(0)
+    first = LossRecorder()
+    _trainer(tmp_path / "b", 14, [first, ckpt, StopAt(4)]).fit(_module(mode), TextDataModule(**data))
+    assert sorted(first.losses) == [1, 2, 3, 4]
+    L.seed_everything(123)  # a resumed run must not depend on the seed it was restarted with
+    resumed = LossRecorder()
+    module = _module(mode, seed=99)
+    _trainer(tmp_path / "b", 14, [resumed]).fit(module, TextDataModule(**data), ckpt_path=tmp_path / "ck" / "step=4.ckpt")
+    assert sorted(resumed.losses) == list(range(5, 15))
+    for step, loss in resumed.losses.items():
+        assert abs(loss - full.losses[step]) < 1e-6, (step, loss, full.losses[step])
+    if mode == "default":
+        assert module.model.blocks[0].mlp.default_outputs.abs().sum() > 0
+
+
+def _ddp_worker(rank, world, port, batch, state, out_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    module = _module()
+    module.model.load_state_dict(state)
+    module.model.train()
+    half = {k: v.chunk(world)[rank] for k, v in batch.items()}
+    lm, out = module._lm_loss(half)
+    loss = lm + module.hparams.aux_loss_coef * out.aux_loss
+    loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in module.model.parameters()])
+    dist.all_reduce(grads)
+    dist.all_reduce(loss.detach())
+    if rank == 0:
+        torch.save({"loss": loss.detach() / world, "grads": grads / world,
+                    "defaults": module.model.blocks[1].mlp.default_outputs.clone()}, out_path)
+    dist.destroy_process_group()
+
+
+def test_ddp_two_processes_match_one_process_on_the_global_batch(tmp_path):
+    module = _module()
+    module.model.train()
+    batch = {"input_ids": torch.randint(0, 257, (4, 32)), "labels": torch.randint(0, 257, (4, 32))}
+    state = {k: v.clone() for k, v in module.model.state_dict().items()}
+    lm, out = module._lm_loss(batch)
+    loss = lm + module.hparams.aux_loss_coef * out.aux_loss
+    loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in module.model.parameters()])
+
+    out_path = tmp_path / "ddp.pt"
+    mp.spawn(_ddp_worker, args=(2, 29500 + os.getpid() % 1000, batch, state, out_path), nprocs=2, join=True)
+    ddp = torch.load(out_path, weights_only=True)
+    torch.testing.assert_close(ddp["loss"], loss.detach(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(ddp["grads"], grads, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(ddp["defaults"], module.model.blocks[1].mlp.default_outputs, atol=1e-6, rtol=1e-5)
+
+
+def test_non_finite_loss_stops_with_clear_message(corpus, tmp_path):
+    class Poison(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 3:
+                with torch.no_grad():
+                    pl_module.model.lm_head.weight.fill_(float("nan"))
+
+    data = TextDataModule(source=str(corpus), block_size=32, batch_size=4, val_fraction=0.2, cache_dir=str(tmp_path / "c"))
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=2, save_last=True, filename="{step}")
+    with pytest.raises(NonFiniteLossError, match="train/loss is nan at step 3"):
+        _trainer(tmp_path, 10, [Poison(), ckpt]).fit(_module(), data)
+    kept = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=True)
+    assert kept["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in kept["state_dict"].values() if v.is_floating_point())
