@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from argparse import ArgumentError
 from pathlib import Path
 
 from lightning.pytorch import LightningDataModule, LightningModule
@@ -46,6 +47,8 @@ class LanternCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except (ValueError, TypeError) as err:  # a config value the classes reject
+            while err.__cause__ or err.__context__:  # jsonargparse wraps the class's own message
+                err = err.__cause__ or err.__context__
             raise SystemExit(f"lantern: error: {self.subcommand} config: {err}") from None
 
 
@@ -73,6 +76,15 @@ def _with_run_config(args: list[str]) -> list[str]:
     return [args[0], "--config", str(config), *args[1:]]
 
 
+_NOISE = ("Does not validate against", "Subtypes:", "Errors:", "- Expected a <class 'NoneType'>", "Given value")
+
+
+def _one_line(message: str) -> str:
+    """jsonargparse explains a bad value over many lines; keep the path to the culprit."""
+    lines = [ln.strip().lstrip("- ") for ln in message.splitlines() if ln.strip() and not ln.strip().startswith(_NOISE)]
+    return " ".join(lines)
+
+
 def cli_main(args: list[str] | None = None) -> LanternCLI | None:
     args = list(sys.argv[1:] if args is None else args)
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
@@ -91,8 +103,11 @@ def cli_main(args: list[str] | None = None) -> LanternCLI | None:
                     "init_args": {"save_dir": "runs", "name": "default"},
                 }
             },
+            parser_kwargs={"exit_on_error": False},
             args=_with_run_config(args),
         )
+    except ArgumentError as err:
+        raise SystemExit(f"lantern: error: {_one_line(str(err))}") from None
     except (DataError, ModelLoadError, NonFiniteLossError, UnsupportedArchitecture) as err:
         raise SystemExit(f"lantern: error: {err}") from None
 

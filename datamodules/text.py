@@ -163,6 +163,8 @@ class TextDataModule(L.LightningDataModule):
             raise ValueError(f"data.block_size={block_size} and data.batch_size={batch_size} must be ≥ 1")
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"data.val_fraction={val_fraction} must lie strictly between 0 and 1")
+        if source != "stdlib" and not source.startswith("hf:"):
+            _local_files(source)  # fail at configuration time, not after the trainer started
         self.save_hyperparameters()
         self.source, self.tokenizer_name, self.block_size = source, tokenizer, block_size
         self.batch_size, self.val_fraction, self.text_field = batch_size, val_fraction, text_field

@@ -206,6 +206,7 @@ def _embedded_cache(name: str) -> Path:
     # The weights are plain float32 now; a stale quantization_config would make reloads re-quantise.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    model.hf_quantizer = None
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
     try:
