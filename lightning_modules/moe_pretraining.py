@@ -127,7 +127,7 @@ class MoEPretraining(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()
-        self.log_dict({"val/loss": loss, "val/ppl": torch.exp(loss)}, prog_bar=True, sync_dist=False)
+        self.log_dict({"val/loss": loss, "val/ppl": torch.exp(loss)}, prog_bar=True, sync_dist=True)  # already global; silences a warning
         self.val_loss.reset()
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -136,7 +136,7 @@ class MoEPretraining(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         loss = self.test_loss.compute()
-        self.log_dict({"test/loss": loss, "test/ppl": torch.exp(loss)})
+        self.log_dict({"test/loss": loss, "test/ppl": torch.exp(loss)}, sync_dist=True)
         self.test_loss.reset()
 
     def configure_optimizers(self):
