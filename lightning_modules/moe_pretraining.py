@@ -64,7 +64,7 @@ class MoEPretraining(L.LightningModule):
         self._last_step_time: float | None = None
 
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        dm = getattr(self.trainer, "datamodule", None)
         data_vocab = getattr(dm, "vocab_size", None)
         if data_vocab is not None and data_vocab > self.model.vocab_size:
             raise ValueError(
@@ -121,23 +121,29 @@ class MoEPretraining(L.LightningModule):
                     _log_expert_load(logger, self._load, self.global_step)
             self._load.zero_()
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        lm, _ = self._lm_loss(batch)
-        self.val_loss.update(lm, weight=batch["labels"].numel())
+    def on_validation_start(self) -> None:
+        self._last_step_time = None  # keep evaluation time out of train/tokens_per_s
 
-    def on_validation_epoch_end(self) -> None:
-        loss = self.val_loss.compute()
-        self.log_dict({"val/loss": loss, "val/ppl": torch.exp(loss)}, prog_bar=True, sync_dist=True)  # already global; silences a warning
-        self.val_loss.reset()
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.val_loss)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        lm, _ = self._lm_loss(batch)
-        self.test_loss.update(lm, weight=batch["labels"].numel())
+        self._eval_step(batch, self.test_loss)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval(self.val_loss, "val")
 
     def on_test_epoch_end(self) -> None:
-        loss = self.test_loss.compute()
-        self.log_dict({"test/loss": loss, "test/ppl": torch.exp(loss)}, sync_dist=True)
-        self.test_loss.reset()
+        self._log_eval(self.test_loss, "test")
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], metric: MeanMetric) -> None:
+        lm, _ = self._lm_loss(batch)
+        metric.update(lm, weight=batch["labels"].numel())  # token-weighted: a short last batch counts less
+
+    def _log_eval(self, metric: MeanMetric, split: str) -> None:
+        loss = metric.compute()  # already reduced over processes; sync_dist only silences a warning
+        self.log_dict({f"{split}/loss": loss, f"{split}/ppl": torch.exp(loss)}, prog_bar=True, sync_dist=True)
+        metric.reset()
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -93,3 +93,16 @@ def test_sampler_resumes_mid_epoch_and_shards_by_rank():
     assert len(list(s)) == 40 and list(s) != full
     r0, r1 = list(ResumableSampler(data, 2, 0, seed=3)), list(ResumableSampler(data, 2, 1, seed=3))
     assert sorted(r0 + r1) == data
+
+
+def test_hf_source_goes_through_datasets_load_dataset(tmp_path):
+    local = tmp_path / "local_dataset"
+    local.mkdir()
+    (local / "train.jsonl").write_text("\n".join(json.dumps({"text": f"row {i} " * 30}) for i in range(25)))
+    dm = _dm(f"hf:{local}", tmp_path)
+    dm.setup("fit")
+    assert dm.meta["train"]["documents"] + dm.meta["val"]["documents"] == 25
+    with pytest.raises(DataError, match="no field 'body'"):
+        _dm(f"hf:{local}", tmp_path, text_field="body").setup("fit")
+    with pytest.raises(DataError, match=r"hf:.*could not load"):
+        _dm(f"hf:{tmp_path / 'absent'}", tmp_path).setup("fit")
