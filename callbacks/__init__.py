@@ -1,5 +1,7 @@
-"""Reusable Lightning callbacks that work on any supported Hugging Face model."""
+"""Reusable Lightning callbacks that work on any supported Hugging Face model (and Lantern's own)."""
 
+from callbacks.activation_cache import ActivationCache
 from callbacks.head_ablation import HeadAblation
+from callbacks.sinks import SinkMeasurement
 
-__all__ = ["HeadAblation"]
+__all__ = ["ActivationCache", "HeadAblation", "SinkMeasurement"]

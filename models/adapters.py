@@ -23,6 +23,9 @@ class ArchAdapter:
     o_proj: str  # the attention output projection, relative to a block; its input is [B, S, H·D]
     mlp: str  # feed-forward module, relative to a block
     n_heads_attr: tuple[str, ...] = ("num_attention_heads",)
+    # Module whose output is the [B, H, S, S] attention weights under eager attention, relative
+    # to a block; empty: the attention module's second output (Hugging Face eager attention).
+    probs: str = ""
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return _get(model, self.layers)
@@ -35,6 +38,12 @@ class ArchAdapter:
 
     def feed_forward(self, model: nn.Module, layer: int) -> nn.Module:
         return _get(self.blocks(model)[layer], self.mlp)
+
+    def probs_site(self, model: nn.Module, layer: int) -> tuple[nn.Module, bool]:
+        """(module to hook, whether the weights are the second element of its output)."""
+        if self.probs:
+            return _get(self.blocks(model)[layer], self.probs), False
+        return self.attention(model, layer), True
 
     def num_layers(self, model: nn.Module) -> int:
         return len(self.blocks(model))
@@ -53,6 +62,11 @@ class ArchAdapter:
         return width // self.num_heads(model)
 
 
+def attn_implementation(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", None) or getattr(model, "attn_implementation", None)
+
+
 def _get(root: nn.Module, path: str):
     obj = root
     for part in path.split("."):
@@ -64,7 +78,7 @@ _LLAMA_LIKE = dict(layers="model.layers", attn="self_attn", o_proj="self_attn.o_
 ADAPTERS: dict[str, ArchAdapter] = {
     **{f: ArchAdapter(f, **_LLAMA_LIKE) for f in ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "olmo2", "phi3")},
     "gpt2": ArchAdapter("gpt2", "transformer.h", "attn", "attn.c_proj", "mlp", ("n_head", "num_heads")),
-    "lantern_moe": ArchAdapter("lantern_moe", "blocks", "attn", "attn.o_proj", "mlp", ("n_heads",)),
+    "lantern_moe": ArchAdapter("lantern_moe", "blocks", "attn", "attn.o_proj", "mlp", ("n_heads",), "attn.attn_probs"),
 }
 
 

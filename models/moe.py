@@ -204,12 +204,19 @@ class CausalSelfAttention(nn.Module):
         self.o_proj = nn.Linear(d_model, d_model, bias=False)
         nn.init.normal_(self.qkv.weight, std=init_std)
         nn.init.normal_(self.o_proj.weight, std=out_std)
+        self.eager = False  # explicit softmax, so hooks on attn_probs see the [B, H, S, S] weights
+        self.attn_probs = nn.Identity()  # a hook point, like Hugging Face eager attention's weights
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, S, _ = x.shape
         q, k, v = self.qkv(x).view(B, S, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if self.eager:
+            scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)
+            causal = torch.ones(S, S, dtype=torch.bool, device=x.device).tril()
+            o = self.attn_probs(scores.masked_fill(~causal, float("-inf")).softmax(-1)) @ v
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.o_proj(o.transpose(1, 2).reshape(B, S, -1))
 
 
@@ -304,6 +311,17 @@ class MoETransformer(nn.Module):
             self.lm_head.weight = self.embed.weight
         else:
             nn.init.normal_(self.lm_head.weight, std=init_std)
+
+    @property
+    def attn_implementation(self) -> str:
+        return "eager" if self.blocks[0].attn.eager else "sdpa"
+
+    def set_attn_implementation(self, name: str) -> None:
+        """``eager`` exposes attention weights at ``blocks.{l}.attn.attn_probs``; ``sdpa`` is faster."""
+        if name not in ("eager", "sdpa"):
+            raise ValueError(f"attn_implementation={name!r} must be 'eager' or 'sdpa'")
+        for block in self.blocks:
+            block.attn.eager = name == "eager"
 
     @property
     def moe_layers(self) -> list[MoEFeedForward]:
