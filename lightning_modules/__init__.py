@@ -1,5 +1,6 @@
 """LightningModules, one per method; importing this package registers them with the CLI."""
 
+from lightning_modules.dormant_heads import DormantHeadsStudy
 from lightning_modules.moe_pretraining import MoEPretraining, NonFiniteLossError
 
-__all__ = ["MoEPretraining", "NonFiniteLossError"]
+__all__ = ["DormantHeadsStudy", "MoEPretraining", "NonFiniteLossError"]

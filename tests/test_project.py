@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -20,9 +22,16 @@ def test_ci_runs_the_readme_quickstart_commands():
     assert (ROOT / "configs/default_moe/tiny.yaml").is_file()
 
 
-def test_moe_overhead_benchmark_prints_its_ratios():
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "moe_overhead.py"), "--steps", "1", "--repeats", "1"],
+@pytest.mark.parametrize(
+    "script, extra, names",
+    [
+        ("moe_overhead.py", [], ["default_vs_topk_step", "moe_vs_dense_layer"]),
+        ("hook_overhead.py", ["--model", "tiny-llama"], ["activation_cache_forward", "head_ablation_forward"]),
+    ],
+)
+def test_benchmarks_print_their_ratios(script, extra, names):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--steps", "1", "--repeats", "1", *extra],
                           capture_output=True, text=True, timeout=300, check=True)
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert [r["benchmark"] for r in rows] == ["default_vs_topk_step", "moe_vs_dense_layer"]
+    assert [r["benchmark"] for r in rows] == names
     assert all(r["ratio"] > 0 for r in rows)

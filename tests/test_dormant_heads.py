@@ -1,0 +1,113 @@
+import json
+
+import lightning as L
+import pytest
+import torch
+
+from datamodules import DataError, EvalTasksDataModule
+from datamodules.eval_tasks import BUILTIN, _records, parse_gsm8k, parse_mc
+from lightning_modules import DormantHeadsStudy
+from lightning_modules.dormant_heads import head_scores, most_dormant
+from models import get_adapter, load_model
+
+
+def _batch(lengths, width):
+    torch.manual_seed(0)
+    ids = torch.randint(0, 256, (len(lengths), width))
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    return ids, mask
+
+
+def test_output_norm_ratio_averages_to_one_and_ignores_value_scale():
+    model = load_model("tiny-llama", seed=0)
+    ids, mask = _batch([7, 5], 7)
+    r = head_scores(model, ids, mask)["output_norm"]
+    torch.testing.assert_close(r.mean(-1), torch.ones(2, 2))
+    with torch.no_grad():
+        model.model.layers[1].self_attn.v_proj.weight.mul_(3.0)
+    r_scaled = head_scores(model, ids, mask)["output_norm"]
+    torch.testing.assert_close(r_scaled[:, 1], r[:, 1], atol=1e-5, rtol=1e-5)
+
+
+def test_scores_ignore_appended_padding_and_weights_lie_in_unit_interval():
+    model = load_model("tiny-llama", seed=0)
+    ids, mask = _batch([6], 6)
+    padded = torch.cat([ids, torch.full((1, 4), 256)], 1)
+    pmask = torch.cat([mask, torch.zeros(1, 4, dtype=torch.long)], 1)
+    a, b = head_scores(model, ids, mask), head_scores(model, padded, pmask)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-5)
+    assert ((a["attention_weight"] >= 0) & (a["attention_weight"] <= 1)).all()
+    eager = load_model("tiny-llama", seed=0, attn_implementation="eager")
+    with torch.no_grad():
+        att = eager(ids, output_attentions=True).attentions
+    direct = torch.stack([x[:, :, :, 0].mean(-1) for x in att], 1)
+    torch.testing.assert_close(a["attention_weight"], direct, atol=1e-6, rtol=1e-5)
+    assert model.config._attn_implementation == "sdpa"  # scoring switched to eager and back
+
+
+def test_most_dormant_picks_the_extreme_heads():
+    scores = torch.tensor([[[0.9, 0.1], [0.5, 0.7]]])
+    assert most_dormant(scores, 1, higher_is_dormant=True).nonzero().tolist() == [[0, 0, 0]]
+    assert most_dormant(scores, 2, higher_is_dormant=False).nonzero().tolist() == [[0, 0, 1], [0, 1, 0]]
+    assert not most_dormant(scores, 0, True).any()
+
+
+def test_task_formats_parse_from_local_files(tmp_path):
+    def write(name, rows):
+        path = tmp_path / name
+        path.write_text("\n".join(json.dumps(r) for r in rows))
+        return str(path)
+
+    mmlu = parse_mc("mmlu", _records(write("m.jsonl", [{"question": "2+2?", "choices": ["3", "4"], "answer": 1}])), "m")
+    assert mmlu[0].pairs == [("Question: 2+2?\nAnswer:", " 3"), ("Question: 2+2?\nAnswer:", " 4")] and mmlu[0].answer == 1
+    piqa = parse_mc("piqa", [{"goal": "open a jar", "sol1": "twist", "sol2": "bite", "label": 0}], "p")
+    assert piqa[0].pairs[1] == ("Question: open a jar\nAnswer:", " bite")
+    wino = parse_mc("winogrande", [{"sentence": "The cup fell because _ was full.", "option1": "the cup",
+                                    "option2": "the table", "answer": "1"}], "w")
+    assert wino[0].pairs == [("The cup fell because the cup", " was full."), ("The cup fell because the table", " was full.")]
+    assert wino[0].answer == 0
+    assert parse_gsm8k([{"question": "1+1?", "answer": "2\n#### 2"}], "g")[0][1] == " 2\n#### 2"
+    with pytest.raises(DataError, match=r"p item 1: no field 'sol2'"):
+        parse_mc("piqa", [{"goal": "x", "sol1": "y", "label": 0}], "p")
+    with pytest.raises(ValueError, match="unknown task 'hellaswag:x'"):
+        EvalTasksDataModule(tasks=["hellaswag:x"])
+    assert len(_records(str(BUILTIN["commonsense"]))) == 40
+
+
+def test_baseline_accuracy_equals_a_direct_log_likelihood_computation(tmp_path):
+    rows = [{"question": f"Pick {i}", "choices": ["red", "green", "blue"], "answer": i % 3} for i in range(6)]
+    path = tmp_path / "mc.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    study = DormantHeadsStudy("tiny-llama", fractions=[0.0, 0.25], definitions=["output_norm", "random"])
+    data = EvalTasksDataModule(tokenizer="byte", tasks=[f"mc:{path}"], batch_size=4)
+    L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).validate(study, data, verbose=False)
+    got = {(r["definition"], r["percent_zeroed"]): r["accuracy"] for r in study.results}
+
+    model, correct = study.model, 0
+    for row in rows:
+        ctx = list(f"Question: {row['question']}\nAnswer:".encode())
+        lls = []
+        for choice in row["choices"]:
+            cont = list(f" {choice}".encode())
+            ids = torch.tensor([ctx + cont])
+            with torch.no_grad():
+                logp = model(ids).logits[0, :-1].log_softmax(-1)
+            lls.append(sum(logp[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont)))
+        correct += int(max(range(3), key=lls.__getitem__) == row["answer"])
+    assert got[("output_norm", 0)] == got[("random", 0)] == correct / 6
+    assert set(got) == {("output_norm", 0), ("output_norm", 25), ("random", 0), ("random", 25)}
+
+
+def test_zeroing_no_heads_is_bit_identical():
+    study = DormantHeadsStudy("tiny-llama")
+    ids, mask = _batch([5, 5], 5)
+    with torch.no_grad():
+        base = study.model(ids).logits
+        study.ablation.set_mask(most_dormant(head_scores(study.model, ids, mask)["output_norm"], 0, False))
+        assert torch.equal(study.model(ids).logits, base)
+        study.ablation.set_mask(most_dormant(head_scores(study.model, ids, mask)["output_norm"], 2, False))
+        assert not torch.equal(study.model(ids).logits, base)
+    assert get_adapter(study.model).num_heads(study.model) == 4
