@@ -1,11 +1,13 @@
-"""Attention-sink measurement for any supported model.
+"""Attention-sink and dormant-head measurement for any supported model.
 
 Per layer and head: the attention mass on each sequence's first real token, and the mass on
-the top-k key columns, both averaged over real query positions (causal rows of padded
-inputs excluded). Attention runs eager only while measuring; a hook keeps the two [B, H]
-reductions per layer, never the L×H×S² maps. During ``fit`` it measures on every
-validation pass, so a pretraining run shows sinks emerging; it logs ``attn/sink_mass/L{l}``
-scalars, a layer×head heatmap, and appends to ``sinks.json`` in the run directory.
+the top-k key columns, both averaged over real query positions (padding excluded on either
+side); and the output-norm ratio r_h = mean_t ‖o_{h,t}‖ / its layer's mean over heads, whose
+small values mark dormant heads (arXiv 2504.03889). Attention runs eager only while
+measuring; hooks keep [B, H] reductions per layer, never the L×H×S² maps. During ``fit`` it
+measures on every validation pass, so a pretraining run shows sinks and dormant heads
+emerging: it logs ``attn/sink_mass/L{l}`` and ``attn/dormant_share/L{l}``, layer×head
+heatmaps, and appends to ``sinks.json`` in the run directory.
 """
 
 from __future__ import annotations
@@ -22,33 +24,48 @@ from callbacks.base import ModelHookCallback, eager_attention, first_token_mass,
 from models.adapters import ArchAdapter
 
 
+_KEYS = ("sink_mass", "topk_mass", "output_norm_ratio", "dormant_share")
+
+
 class SinkMeasurement(ModelHookCallback):
-    def __init__(self, top_k: int = 1, json_name: str = "sinks.json", model_attr: str = "model"):
+    def __init__(self, top_k: int = 1, norm_tau: float = 0.1, json_name: str = "sinks.json", model_attr: str = "model"):
         """
         Args:
             top_k: how many of the most-attended key columns the top-k mass sums.
+            norm_tau: a head is dormant on an input when its output-norm ratio r_h < norm_tau.
             json_name: summary file in the run directory (one record per measurement).
             model_attr: attribute of the LightningModule holding the model (the module itself if absent).
         """
         super().__init__(model_attr)
         if top_k < 1:
             raise ValueError(f"top_k={top_k} must be ≥ 1")
-        self.top_k, self.json_name = top_k, json_name
+        self.top_k, self.norm_tau, self.json_name = top_k, norm_tau, json_name
         self.recording = False
         self.reset()
 
     def reset(self) -> None:
-        self._sink: dict[int, torch.Tensor] = {}
-        self._topk: dict[int, torch.Tensor] = {}
+        self._sums: dict[str, dict[int, torch.Tensor]] = {k: {} for k in _KEYS}
         self._count = 0
+        self.last: dict[str, dict[int, torch.Tensor]] = {"sink_mass": {}, "output_norm_ratio": {}}
 
     def _register(self, model: nn.Module, adapter: ArchAdapter) -> None:
         self._model = model
+        n_heads = adapter.num_heads(model)
         for layer in range(adapter.num_layers(model)):
             module, second = adapter.probs_site(model, layer)
-            self._handles.append(module.register_forward_hook(self._hook(layer, second)))
+            self._handles.append(module.register_forward_hook(self._probs_hook(layer, second)))
+            self._handles.append(adapter.out_proj(model, layer).register_forward_pre_hook(self._norm_hook(layer, n_heads)))
 
-    def _hook(self, layer: int, second: bool):
+    def _mask(self, batch: int, seq: int, device) -> torch.Tensor:
+        mask = self.token_mask
+        if mask is None or mask.shape != (batch, seq):
+            mask = torch.ones(batch, seq, dtype=torch.bool, device=device)
+        return mask.to(device)
+
+    def _add(self, key: str, layer: int, per_input: torch.Tensor) -> None:
+        self._sums[key][layer] = self._sums[key].get(layer, 0) + per_input.sum(0).cpu()
+
+    def _probs_hook(self, layer: int, second: bool):
         def hook(module, args, output):
             if not self.recording:
                 return
@@ -56,27 +73,41 @@ class SinkMeasurement(ModelHookCallback):
             if probs is None:
                 raise RuntimeError("attention weights are not exposed; SinkMeasurement needs eager attention")
             probs = probs.detach().float()
-            mask = self.token_mask
-            if mask is None or mask.shape != (probs.shape[0], probs.shape[-1]):
-                mask = torch.ones(probs.shape[0], probs.shape[-1], dtype=torch.bool, device=probs.device)
-            mask = mask.to(probs.device)
-            sink = first_token_mass(probs, mask).sum(0).cpu()
-            top = topk_column_mass(probs, mask, self.top_k).sum(0).cpu()
-            self._sink[layer] = self._sink.get(layer, 0) + sink
-            self._topk[layer] = self._topk.get(layer, 0) + top
+            mask = self._mask(probs.shape[0], probs.shape[-1], probs.device)
+            sink = first_token_mass(probs, mask)
+            self.last["sink_mass"][layer] = sink
+            self._add("sink_mass", layer, sink)
+            self._add("topk_mass", layer, topk_column_mass(probs, mask, self.top_k))
             if layer == 0:
                 self._count += probs.shape[0]
         return hook
 
+    def _norm_hook(self, layer: int, n_heads: int):
+        def hook(module, args):
+            if not self.recording:
+                return
+            x = args[0].detach()
+            norms = x.view(*x.shape[:-1], n_heads, -1).float().norm(dim=-1)  # [B, S, H]
+            real = self._mask(*x.shape[:2], x.device).unsqueeze(-1).float()
+            n = (norms * real).sum(1) / real.sum(1).clamp(min=1)  # [B, H]
+            ratio = n / n.mean(-1, keepdim=True).clamp(min=1e-12)
+            self.last["output_norm_ratio"][layer] = ratio
+            self._add("output_norm_ratio", layer, ratio)
+            self._add("dormant_share", layer, (ratio < self.norm_tau).float().mean(-1, keepdim=True))
+        return hook
+
     def results(self) -> dict[str, torch.Tensor]:
-        """``sink_mass`` and ``topk_mass``: [L, H], averaged over every sequence seen since reset()."""
+        """Averages over every sequence seen since reset(): ``sink_mass``, ``topk_mass`` and
+        ``output_norm_ratio`` [L, H]; ``dormant_share`` [L], the share of a layer's heads with r_h < τ."""
         if not self._count:
             raise RuntimeError("no forward pass was measured")
-        layers = sorted(self._sink)
-        return {
-            "sink_mass": torch.stack([self._sink[l] for l in layers]) / self._count,
-            "topk_mass": torch.stack([self._topk[l] for l in layers]) / self._count,
-        }
+        out = {k: torch.stack([v[l] for l in sorted(v)]) / self._count for k, v in self._sums.items()}
+        out["dormant_share"] = out["dormant_share"].squeeze(-1)
+        return out
+
+    def last_scores(self) -> dict[str, torch.Tensor]:
+        """Per-input scores of the last forward pass, [B, L, H]: ``sink_mass`` and ``output_norm_ratio``."""
+        return {k: torch.stack([v[l] for l in sorted(v)], 1) for k, v in self.last.items()}
 
     @contextmanager
     def applied(self, model: nn.Module):
@@ -110,14 +141,18 @@ class SinkMeasurement(ModelHookCallback):
             pl_module.log(f"attn/sink_mass/L{layer}", value, sync_dist=True)
         for layer, value in enumerate(res["topk_mass"].mean(-1).tolist()):
             pl_module.log(f"attn/topk_mass/L{layer}", value, sync_dist=True)
+        for layer, value in enumerate(res["dormant_share"].tolist()):
+            pl_module.log(f"attn/dormant_share/L{layer}", value, sync_dist=True)
         if not trainer.is_global_zero:
             return
         log_heatmap(trainer, "attn/sink_mass", res["sink_mass"], step, "attention on the first token")
+        log_heatmap(trainer, "attn/output_norm_ratio", res["output_norm_ratio"].clamp(max=2) / 2, step,
+                    "output-norm ratio r_h / 2 (dark: dormant)")
         if trainer.log_dir:
             path = Path(trainer.log_dir) / self.json_name
             records = json.loads(path.read_text()) if path.exists() else []
-            records.append({"step": step, "sequences": self._count, "top_k": self.top_k,
-                            "sink_mass": res["sink_mass"].tolist(), "topk_mass": res["topk_mass"].tolist()})
+            records.append({"step": step, "sequences": self._count, "top_k": self.top_k, "norm_tau": self.norm_tau,
+                            **{k: v.tolist() for k, v in res.items()}})
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(records))
 

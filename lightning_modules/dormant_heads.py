@@ -24,9 +24,8 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from callbacks.base import eager_attention, first_token_mass
 from callbacks.head_ablation import HeadAblation
-from callbacks.sinks import log_heatmap
+from callbacks.sinks import SinkMeasurement, log_heatmap
 from models import get_adapter, load_model
 
 Definition = Literal["output_norm", "attention_weight", "random"]
@@ -35,33 +34,10 @@ Definition = Literal["output_norm", "attention_weight", "random"]
 @torch.no_grad()
 def head_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-input dormancy scores, [B, L, H]: ``attention_weight`` (high = dormant), ``output_norm`` r_h (low = dormant)."""
-    adapter = get_adapter(model)
-    n_layers, n_heads = adapter.num_layers(model), adapter.num_heads(model)
-    real = attention_mask.bool()
-    norms, sinks, handles = {}, {}, []
-    for layer in range(n_layers):
-        def norm_hook(module, args, layer=layer):
-            x = args[0]
-            n = x.view(*x.shape[:-1], n_heads, -1).float().norm(dim=-1)  # [B, S, H]
-            q = real.unsqueeze(-1).float()
-            norms[layer] = (n * q).sum(1) / q.sum(1).clamp(min=1)
-
-        def probs_hook(module, args, output, layer=layer, second=adapter.probs_site(model, layer)[1]):
-            sinks[layer] = first_token_mass((output[1] if second else output).float(), real)
-
-        handles.append(adapter.out_proj(model, layer).register_forward_pre_hook(norm_hook))
-        handles.append(adapter.probs_site(model, layer)[0].register_forward_hook(probs_hook))
-    try:
-        with eager_attention(model):
-            model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask))
-    finally:
-        for h in handles:
-            h.remove()
-    n = torch.stack([norms[l] for l in range(n_layers)], 1)  # [B, L, H]
-    return {
-        "attention_weight": torch.stack([sinks[l] for l in range(n_layers)], 1),
-        "output_norm": n / n.mean(-1, keepdim=True).clamp(min=1e-12),
-    }
+    with SinkMeasurement().applied(model) as sinks:
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask))
+    scores = sinks.last_scores()
+    return {"attention_weight": scores["sink_mass"], "output_norm": scores["output_norm_ratio"]}
 
 
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -241,4 +241,6 @@ def test_sinks_are_measured_during_moe_pretraining(corpus, tmp_path):
     assert [r["step"] for r in records] == [2, 4]
     assert len(records[0]["sink_mass"]) == 2 and len(records[0]["sink_mass"][0]) == 4
     assert 0 < trainer.callback_metrics["attn/sink_mass/L1"] < 1
+    assert 0 <= trainer.callback_metrics["attn/dormant_share/L1"] <= 1
+    torch.testing.assert_close(torch.tensor(records[1]["output_norm_ratio"]).mean(-1), torch.ones(2))
     assert net.attn_implementation == "sdpa"
