@@ -83,7 +83,8 @@ def test_baseline_accuracy_equals_a_direct_log_likelihood_computation(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in rows))
     study = DormantHeadsStudy("tiny-llama", fractions=[0.0, 0.25], definitions=["output_norm", "random"])
     data = EvalTasksDataModule(tokenizer="byte", tasks=[f"mc:{path}"], batch_size=4)
-    L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).validate(study, data, verbose=False)
+    L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path).validate(study, data, verbose=False)
+    assert (tmp_path / "dormant_heads.csv").is_file() and (tmp_path / "dormant_heads.png").is_file()
     got = {(r["definition"], r["percent_zeroed"]): r["accuracy"] for r in study.results}
 
     model, correct = study.model, 0
