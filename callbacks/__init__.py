@@ -3,5 +3,6 @@
 from callbacks.activation_cache import ActivationCache
 from callbacks.head_ablation import HeadAblation
 from callbacks.sinks import SinkMeasurement
+from callbacks.vdit_attention import VDiTAttention
 
-__all__ = ["ActivationCache", "HeadAblation", "SinkMeasurement"]
+__all__ = ["ActivationCache", "HeadAblation", "SinkMeasurement", "VDiTAttention"]

@@ -135,7 +135,8 @@ def reduce_attention(probs: torch.Tensor, top_p: Sequence[float] = (0.1,), sampl
 
 
 def structure_similarity(a: AttentionReduction, b: AttentionReduction) -> torch.Tensor:
-    """Pearson correlation ``[B, H]`` of the sampled rows of two maps (the same rows, two prompts)."""
+    """Pearson correlation ``[B, H]`` of the sampled rows of two maps (the same rows, two prompts);
+    0 where one of them is constant (a uniform map has no structure to correlate)."""
     if not torch.equal(a.sample_rows, b.sample_rows) or a.samples.shape != b.samples.shape:
         raise ValueError("structure_similarity needs maps of the same length sampled at the same query rows")
     x, y = a.samples.flatten(2).double(), b.samples.flatten(2).double()
@@ -275,7 +276,8 @@ class VDiTAttention(L.Callback):
 
     # ---------------------------------------------------------------- installation
     def attach(self, transformer: nn.Module) -> None:
-        """Install one study processor per attention layer (checks the layer indices first)."""
+        """Install one study processor per attention layer (checks the layer indices first) and
+        reset the records and step counters."""
         name = type(transformer).__name__
         if name not in FAMILIES:
             raise ValueError(f"VDiTAttention supports {sorted(FAMILIES)}, not {name}")

@@ -2,5 +2,6 @@
 
 from datamodules.eval_tasks import EvalTasksDataModule
 from datamodules.text import DataError, TextDataModule
+from datamodules.vdit_prompts import VDiTPromptPairs
 
-__all__ = ["DataError", "EvalTasksDataModule", "TextDataModule"]
+__all__ = ["DataError", "EvalTasksDataModule", "TextDataModule", "VDiTPromptPairs"]

@@ -2,5 +2,6 @@
 
 from lightning_modules.dormant_heads import DormantHeadsStudy
 from lightning_modules.moe_pretraining import MoEPretraining, NonFiniteLossError
+from lightning_modules.vdit_attention import VDiTAttentionStudy
 
-__all__ = ["DormantHeadsStudy", "MoEPretraining", "NonFiniteLossError"]
+__all__ = ["DormantHeadsStudy", "MoEPretraining", "NonFiniteLossError", "VDiTAttentionStudy"]
