@@ -49,7 +49,11 @@ class ModelHookCallback(L.Callback):
                 self.token_mask = torch.ones(ids.shape[:2], dtype=torch.bool, device=ids.device)
 
         self._handles.append(model.register_forward_pre_hook(capture_mask, with_kwargs=True))
-        self._register(model, adapter)
+        try:
+            self._register(model, adapter)
+        except BaseException:
+            self.detach()  # a rejected argument must leave no hook behind
+            raise
 
     def detach(self) -> None:
         for handle in self._handles:

@@ -30,8 +30,9 @@ class HeadAblation(ModelHookCallback):
         """
         Args:
             heads: fixed (layer, head) pairs to ablate.
-            mode: ``zero`` the head's output, or replace it by its ``mean`` over the real tokens of
-                the same input (keeps the head's average contribution, removes its token dependence).
+            mode: ``zero`` the head's output, or replace it at each position t by its ``mean`` over the
+                real tokens of the same input up to t (a causal running mean: keeps the head's average
+                contribution without letting later tokens reach earlier positions).
             mask_fn: ``(pl_module, batch) → bool [B, L, H]``, a per-input choice of heads computed
                 before each evaluation batch (with ablation off), e.g. a dormancy score.
             model_attr: attribute of the LightningModule holding the model (the module itself if absent).
@@ -79,7 +80,7 @@ class HeadAblation(ModelHookCallback):
                 replacement = torch.zeros((), dtype=x.dtype, device=x.device)
             else:
                 real = self._real_tokens(heads).to(x.dtype)
-                replacement = (heads * real).sum(1, keepdim=True) / real.sum(1, keepdim=True).clamp(min=1)
+                replacement = (heads * real).cumsum(1) / real.cumsum(1).clamp(min=1)
             return (torch.where(drop, replacement, heads).flatten(-2), *args[1:])
 
         return ablate

@@ -16,6 +16,11 @@ now; Mochi/Hunyuan/Wan add a ``VDiTAttnProcessor`` subclass and a ``FAMILIES`` e
 feature active in a layer the processor calls the same ``F.scaled_dot_product_attention`` as
 the stock one, so its output is bit-identical; sparsification and map transfer compute the
 softmax explicitly (in float32).
+
+Two choices to know when reading the numbers: CogVideoX attends over its text and video tokens
+jointly, and the maps here span that joint sequence (the ⌊k·n⌋ count, the sinks and the
+similarity include the text tokens); in a layer whose maps are substituted, the recorded
+reductions describe the layer's own map, not the substituted one it used.
 """
 
 from __future__ import annotations
@@ -282,6 +287,7 @@ class VDiTAttention(L.Callback):
         if name not in FAMILIES:
             raise ValueError(f"VDiTAttention supports {sorted(FAMILIES)}, not {name}")
         processor_cls, pattern = FAMILIES[name]
+        self.detach()  # a second attach must not take our own processors for the originals
         originals = dict(transformer.attn_processors)
         layers = {key: int(m.group(1)) for key in originals if (m := re.match(pattern, key))}
         self.n_layers = len(set(layers.values()))
@@ -290,7 +296,6 @@ class VDiTAttention(L.Callback):
             bad = [i for i in ([] if spec == "all" else spec) if not 0 <= i < self.n_layers]
             if bad:
                 raise ValueError(f"{spec_name}: layer {bad[0]} out of range: the transformer has {self.n_layers} attention layers")
-        self.detach()
         transformer.set_attn_processor(
             {key: processor_cls(self, layers[key]) if key in layers else proc for key, proc in originals.items()}
         )

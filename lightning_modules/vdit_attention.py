@@ -138,8 +138,8 @@ class VDiTAttentionStudy(L.LightningModule):
             seed: seed of the initial latents and of the sampled query rows.
         """
         super().__init__()
-        if not sparsity or not all(0 <= k < 1 for k in sparsity):
-            raise ValueError(f"model.sparsity={sparsity} values must be in [0, 1)")
+        if not sparsity or not all(0 < k < 1 for k in sparsity):
+            raise ValueError(f"model.sparsity={sparsity} values must be in (0, 1); k = 0 is the dense baseline itself")
         if not 0 < sink_threshold <= 1:
             raise ValueError(f"model.sink_threshold={sink_threshold} must be in (0, 1]")
         if min(num_frames, height, width, num_inference_steps) < 1:

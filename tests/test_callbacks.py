@@ -45,8 +45,10 @@ def test_ablation_on_the_moe_transformer_and_range_errors():
         base = model(ids).logits
         with HeadAblation([(0, 0), (1, 3)]).applied(model):
             assert not torch.equal(model(ids).logits, base)
+    hooks_before = len(model._forward_pre_hooks)
     with pytest.raises(ValueError, match=r"head \(2, 0\) out of range: the model has 2 layers × 4 heads"):
         HeadAblation([(2, 0)]).attach(model)
+    assert len(model._forward_pre_hooks) == hooks_before  # a rejected argument leaves no hook behind
 
 
 def test_callback_hooks_live_only_during_a_trainer_stage(corpus, tmp_path):
@@ -155,7 +157,7 @@ def test_bad_callback_arguments_fail_with_one_line():
 
 
 # ----------------------------------------------------------------------------- HeadAblation modes
-def test_mean_replacement_makes_the_head_constant_over_real_tokens():
+def test_mean_replacement_is_the_causal_running_mean_over_real_tokens():
     model = load_model("tiny-llama", seed=0)
     ids, mask, pos = _padded("right")
     plain = ActivationCache(sites=["head_out"], positions="all", layers=[1])
@@ -165,13 +167,45 @@ def test_mean_replacement_makes_the_head_constant_over_real_tokens():
     ablation = HeadAblation([(1, 2)], mode="mean")
     after = ActivationCache(sites=["head_out"], positions="all", layers=[1])
     with torch.no_grad(), ablation.applied(model), after.applied(model):  # ablation's hook runs first
-        model(input_ids=ids, attention_mask=mask, position_ids=pos)
-    z_after = after.activations()["blocks.1.attn.hook_z"]
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        changed = ids.clone()
+        changed[1, 8] = (changed[1, 8] + 1) % 256  # the last token of row 1
+        logits_changed = model(input_ids=changed, attention_mask=mask, position_ids=pos).logits
+    z_after = after.activations()["blocks.1.attn.hook_z"][:2]
     for b in range(2):
-        real = mask[b].bool()
-        expected = z[b, real].mean(0)
-        torch.testing.assert_close(z_after[b, real, 2], expected.expand(int(real.sum()), -1), atol=1e-6, rtol=1e-5)
+        for t in range(int(mask[b].sum())):
+            torch.testing.assert_close(z_after[b, t, 2], z[b, : t + 1].mean(0), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(z_after[:, :, 3], plain.activations()["blocks.1.attn.hook_z"][:, :, 3])
+    torch.testing.assert_close(logits_changed[1, :8], logits[1, :8], rtol=0, atol=0)  # no look-ahead
+
+
+def test_mask_fn_chooses_heads_per_batch_with_ablation_off(corpus, tmp_path):
+    import lightning as L
+
+    from datamodules import TextDataModule
+    from lightning_modules import MoEPretraining
+
+    torch.manual_seed(0)
+    module = MoEPretraining(MoETransformer(d_model=32, n_layers=2, n_heads=4, n_experts=4, d_expert=32, max_seq_len=32))
+    data = TextDataModule(source=str(corpus), block_size=32, batch_size=4, val_fraction=0.2, cache_dir=str(tmp_path))
+    calls = []
+
+    def choose(pl_module, batch):
+        calls.append(ablation.enabled)
+        mask = torch.zeros(batch["input_ids"].shape[0], 2, 4, dtype=torch.bool)
+        mask[:, 1, 2] = True
+        return mask
+
+    def val_loss(callbacks):
+        trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, limit_val_batches=2,
+                            callbacks=callbacks, default_root_dir=tmp_path)
+        return trainer.validate(module, data, verbose=False)[0]["val/loss"]
+
+    ablation = HeadAblation(mask_fn=choose)
+    per_batch = val_loss([ablation])
+    assert calls == [False, False]
+    assert per_batch == pytest.approx(val_loss([HeadAblation([(1, 2)])]), abs=1e-6)
+    assert per_batch != val_loss([])
 
 
 def test_per_input_mask_ablates_different_heads_per_row():
@@ -208,17 +242,19 @@ def test_sink_mass_equals_direct_computation_from_eager_attentions():
     assert ((res["sink_mass"] >= 0) & (res["sink_mass"] <= 1)).all()
 
 
-def test_sink_mass_is_identical_under_left_and_right_padding_and_restores_sdpa():
+def test_sink_measures_are_identical_under_left_and_right_padding_and_restore_sdpa():
     model = load_model("tiny-llama", seed=0, attn_implementation="sdpa")
     got = []
     for side in ("left", "right"):
         ids, mask, pos = _padded(side)
-        sinks = SinkMeasurement()
+        sinks = SinkMeasurement(top_k=2)
         with torch.no_grad(), sinks.applied(model):
             model(input_ids=ids, attention_mask=mask, position_ids=pos)
-        got.append(sinks.results()["sink_mass"])
+        got.append(sinks.results())
         assert model.config._attn_implementation == "sdpa"
-    torch.testing.assert_close(got[0], got[1], atol=1e-6, rtol=1e-5)
+    assert set(got[0]) == {"sink_mass", "topk_mass", "output_norm_ratio", "dormant_share"}
+    for key in got[0]:
+        torch.testing.assert_close(got[0][key], got[1][key], atol=1e-6, rtol=1e-5)
 
 
 def test_sinks_are_measured_during_moe_pretraining(corpus, tmp_path):

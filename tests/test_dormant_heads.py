@@ -101,6 +101,32 @@ def test_baseline_accuracy_equals_a_direct_log_likelihood_computation(tmp_path):
     assert got[("output_norm", 0)] == got[("random", 0)] == correct / 6
     assert set(got) == {("output_norm", 0), ("output_norm", 25), ("random", 0), ("random", 25)}
 
+    # 25% of 8 heads = 2 per question, the lowest output-norm ratios averaged over its choices.
+    from callbacks import HeadAblation
+    from datamodules.eval_tasks import pad
+    from lightning_modules.dormant_heads import positions
+
+    ablated_correct, losses = 0, []
+    with HeadAblation().applied(model) as ablation:
+        for row in rows:
+            ctx = list(f"Question: {row['question']}\nAnswer:".encode())
+            seqs = [(ctx + list(f" {c}".encode()), [False] * len(ctx) + [True] * len(f" {c}")) for c in row["choices"]]
+            b = pad(seqs, 256)
+            scores = head_scores(model, b["input_ids"], b["attention_mask"])["output_norm"].mean(0, keepdim=True)
+            ablation.set_mask(most_dormant(scores, 2, higher_is_dormant=False).expand(3, -1, -1))
+            with torch.no_grad():
+                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                               position_ids=positions(b["attention_mask"])).logits
+            logp = logits[:, :-1].log_softmax(-1).gather(-1, b["input_ids"][:, 1:, None]).squeeze(-1)
+            lls = (logp * b["target_mask"][:, 1:]).sum(-1)
+            ablated_correct += int(lls.argmax() == row["answer"])
+            losses.append(-lls.log_softmax(0)[row["answer"]].item())
+    ablated = {r["definition"]: r for r in study.results if r["percent_zeroed"] == 25}
+    assert ablated["output_norm"]["accuracy"] == ablated_correct / 6
+    assert ablated["output_norm"]["loss"] == pytest.approx(sum(losses) / 6, rel=1e-4)
+    baseline_loss = next(r["loss"] for r in study.results if r["percent_zeroed"] == 0)
+    assert ablated["output_norm"]["loss"] != pytest.approx(baseline_loss, rel=1e-6)  # the ablation acted
+
 
 def test_zeroing_no_heads_is_bit_identical():
     study = DormantHeadsStudy("tiny-llama")
@@ -112,3 +138,21 @@ def test_zeroing_no_heads_is_bit_identical():
         study.ablation.set_mask(most_dormant(head_scores(study.model, ids, mask)["output_norm"], 2, False))
         assert not torch.equal(study.model(ids).logits, base)
     assert get_adapter(study.model).num_heads(study.model) == 4
+
+
+def test_fewshot_prompts_hold_k_solved_other_items():
+    from datamodules.eval_tasks import MCItem, with_fewshot
+
+    items = [MCItem([(f"Q{i}:", " a"), (f"Q{i}:", " b")], i % 2) for i in range(6)]
+    shot = with_fewshot(items, 3)
+    for i, item in enumerate(shot):
+        context = item.pairs[0][0]
+        assert context.endswith(f"Q{i}:") and f"Q{i}:" not in context[: -len(f"Q{i}:")]
+        solved = [f"Q{j}: {'ab'[j % 2]}" for j in range(6) if f"Q{j}:" in context[: -len(f"Q{i}:")]]
+        assert len(solved) == 3 and all(s in context for s in solved)
+        assert item.pairs[1][1] == " b" and item.answer == items[i].answer
+    assert with_fewshot(items, 3) == shot  # deterministic
+    with pytest.raises(DataError, match="6-shot prompts need more than 6 items"):
+        with_fewshot(items, 6)
+    with pytest.raises(DataError, match=r"field 'answer' must be an integer label, got ''"):
+        parse_mc("winogrande", [{"sentence": "a _ b", "option1": "x", "option2": "y", "answer": ""}], "w")
