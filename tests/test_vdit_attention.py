@@ -88,6 +88,11 @@ def test_context_manager_restores_the_original_processors(model):
             assert all(model.attn_processors[k] is not p for k, p in before.items())
             raise RuntimeError("inside")
     assert all(model.attn_processors[k] is p for k, p in before.items())
+    study = VDiTAttention(sparsity=0.5)
+    study.attach(model)
+    study.attach(model)  # attaching twice must still remember the stock processors
+    study.detach()
+    assert all(model.attn_processors[k] is p for k, p in before.items())
 
 
 @pytest.mark.parametrize("n", [7, 10, 56, 100])
