@@ -350,14 +350,12 @@ def summarize(pairs: list[dict], hp) -> dict:
             if isolated:
                 row[f"out_err_k{k:g}_this_layer_only"] = float(isolated[k][l])
         table.append(row)
-        scalars[f"vdit/sink_mass/L{l}"] = row["sink_mass"]
-        scalars[f"vdit/similarity/L{l}"] = row["similarity"]
-        for i, p in enumerate(hp["top_p"]):
-            scalars[f"vdit/top_mass/p{p * 100:g}/L{l}"] = float(profile[l, :, i].mean())
-        for k in ks:
-            scalars[f"vdit/sparsify_error/k{k:g}/L{l}"] = float(local[k][l])
-            if isolated:
-                scalars[f"vdit/sparsify_isolated_output_error/k{k:g}/L{l}"] = float(isolated[k][l])
+        # The same per-layer numbers as TensorBoard scalars: table column → scalar name.
+        names = {"sink_mass": "vdit/sink_mass", "similarity": "vdit/similarity"}
+        names |= {f"top{p * 100:g}%_mass": f"vdit/top_mass/p{p * 100:g}" for p in hp["top_p"]}
+        names |= {f"err_k{k:g}": f"vdit/sparsify_error/k{k:g}" for k in ks}
+        names |= {f"out_err_k{k:g}_this_layer_only": f"vdit/sparsify_isolated_output_error/k{k:g}" for k in ks}
+        scalars |= {f"{names[col]}/L{l}": value for col, value in row.items() if col in names}
     for k in ks:
         scalars[f"vdit/sparsify_output_error/k{k:g}"] = output[k]
     return {
