@@ -18,11 +18,11 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-import datamodules  # noqa: F401  (registers the DataModules)
-import lightning_modules  # noqa: F401  (registers the LightningModules)
-from datamodules import DataError
-from lightning_modules import NonFiniteLossError
-from models import ModelLoadError, UnsupportedArchitecture
+import lantern.datamodules  # noqa: F401  (registers the DataModules)
+import lantern.lightning_modules  # noqa: F401  (registers the LightningModules)
+from lantern.datamodules import DataError
+from lantern.lightning_modules import NonFiniteLossError
+from lantern.models import ModelLoadError, UnsupportedArchitecture
 
 EVAL_COMMANDS = ("validate", "test", "predict")
 

@@ -19,9 +19,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from callbacks import ActivationCache, HeadAblation  # noqa: E402
-from models import get_adapter, load_model  # noqa: E402
+from lantern.callbacks import ActivationCache, HeadAblation
+from lantern.models import get_adapter, load_model
 
 
 def main() -> None:

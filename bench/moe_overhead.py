@@ -22,8 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models.moe import DenseFeedForward, MoEFeedForward, MoETransformer  # noqa: E402
+from lantern.models.moe import DenseFeedForward, MoEFeedForward, MoETransformer
 
 SIZES = {  # the tiny recipe, and a GPU-sized one
     "tiny": dict(d_model=128, n_layers=4, n_heads=4, n_experts=8, top_k=2, d_expert=256, batch=16, seq=256),

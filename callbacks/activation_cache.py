@@ -20,8 +20,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from callbacks.base import ModelHookCallback, check_layers
-from models.adapters import ArchAdapter
+from lantern.callbacks.base import ModelHookCallback, check_layers
+from lantern.models.adapters import ArchAdapter
 
 Site = Literal["resid_pre", "resid_post", "attn_out", "mlp_out", "head_out"]
 SITES = ("resid_pre", "resid_post", "attn_out", "mlp_out", "head_out")

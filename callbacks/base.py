@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from models.adapters import ArchAdapter, attn_implementation, get_adapter
+from lantern.models.adapters import ArchAdapter, attn_implementation, get_adapter
 
 
 class ModelHookCallback(L.Callback):

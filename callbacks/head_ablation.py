@@ -13,8 +13,8 @@ import lightning as L
 import torch
 from torch import nn
 
-from callbacks.base import ModelHookCallback
-from models.adapters import ArchAdapter
+from lantern.callbacks.base import ModelHookCallback
+from lantern.models.adapters import ArchAdapter
 
 MaskFn = Callable[[L.LightningModule, object], torch.Tensor]
 

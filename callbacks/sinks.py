@@ -20,8 +20,8 @@ import lightning as L
 import torch
 from torch import nn
 
-from callbacks.base import ModelHookCallback, eager_attention, first_token_mass, topk_column_mass
-from models.adapters import ArchAdapter
+from lantern.callbacks.base import ModelHookCallback, eager_attention, first_token_mass, topk_column_mass
+from lantern.models.adapters import ArchAdapter
 
 
 _KEYS = ("sink_mass", "topk_mass", "output_norm_ratio", "dormant_share")

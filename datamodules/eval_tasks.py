@@ -26,7 +26,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from datamodules.text import DataError, TextDataModule
+from lantern.datamodules.text import DataError, TextDataModule
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 BUILTIN = {"commonsense": TASKS_DIR / "commonsense_mc.jsonl"}
@@ -148,7 +148,7 @@ class EvalTasksDataModule(L.LightningDataModule):
     ):
         """
         Args:
-            tokenizer: tokenizer of the model under study (see ``models.load_tokenizer``).
+            tokenizer: tokenizer of the model under study (see ``lantern.models.load_tokenizer``).
             tasks: task specs (module docstring); ``text`` is held-out text from ``text_source``.
             text_source: corpus for the ``text`` task (any ``TextDataModule`` source).
             block_size: tokens per held-out text sequence.

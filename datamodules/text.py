@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from models.loading import TextTokenizer, cache_root, load_tokenizer
+from lantern.models.loading import TextTokenizer, cache_root, load_tokenizer
 
 
 class DataError(ValueError):

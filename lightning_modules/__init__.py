@@ -1,7 +1,7 @@
 """LightningModules, one per method; importing this package registers them with the CLI."""
 
-from lightning_modules.dormant_heads import DormantHeadsStudy
-from lightning_modules.moe_pretraining import MoEPretraining, NonFiniteLossError
-from lightning_modules.vdit_attention import VDiTAttentionStudy
+from lantern.lightning_modules.dormant_heads import DormantHeadsStudy
+from lantern.lightning_modules.moe_pretraining import MoEPretraining, NonFiniteLossError
+from lantern.lightning_modules.vdit_attention import VDiTAttentionStudy
 
 __all__ = ["DormantHeadsStudy", "MoEPretraining", "NonFiniteLossError", "VDiTAttentionStudy"]

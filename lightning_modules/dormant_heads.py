@@ -8,7 +8,7 @@ arXiv 2504.03889. Two definitions, both computed per input:
 
 Sweeping τ is done as "zero the k most dormant heads of each input" with k = p·L·H for
 p in ``fractions`` (τ is then the k-th score, per input), next to a random-heads control.
-Zeroing acts on the input of ``o_proj`` (``callbacks.HeadAblation``), so the study runs
+Zeroing acts on the input of ``o_proj`` (``lantern.callbacks.HeadAblation``), so the study runs
 under any attention backend; only scoring switches to eager attention.
 """
 
@@ -24,9 +24,9 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from callbacks.head_ablation import HeadAblation
-from callbacks.sinks import SinkMeasurement, log_heatmap
-from models import get_adapter, load_model
+from lantern.callbacks.head_ablation import HeadAblation
+from lantern.callbacks.sinks import SinkMeasurement, log_heatmap
+from lantern.models import get_adapter, load_model
 
 Definition = Literal["output_norm", "attention_weight", "random"]
 
@@ -65,7 +65,7 @@ class DormantHeadsStudy(L.LightningModule):
     ):
         """
         Args:
-            model_name: model to study (see ``models.load_model``).
+            model_name: model to study (see ``lantern.models.load_model``).
             fractions: shares of all heads zeroed per input.
             definitions: how heads are ranked: ``output_norm`` (lowest r_h first), ``attention_weight``
                 (highest first-token attention first), ``random`` (control).

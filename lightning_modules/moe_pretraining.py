@@ -1,7 +1,7 @@
 """Language-model pretraining of an MoE transformer: TopK vs Default MoE routing.
 
 Default MoE: Panda et al., "Dense Backpropagation Improves Training for Sparse
-Mixture-of-Experts", arXiv 2504.12463. The routing itself lives in ``models.moe``; this
+Mixture-of-Experts", arXiv 2504.12463. The routing itself lives in ``lantern.models.moe``; this
 module adds the objective (next-token cross-entropy + α·load-balancing + optional z-loss),
 AdamW with linear warm-up and cosine decay, and the logs a researcher compares the two
 routers by: losses, perplexity, tokens/s, per-expert load and router gradient density.
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 from torchmetrics import MeanMetric
 
-from models.moe import MoETransformer
+from lantern.models.moe import MoETransformer
 
 
 class NonFiniteLossError(RuntimeError):

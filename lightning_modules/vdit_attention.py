@@ -1,7 +1,7 @@
 """Attention study of a video diffusion transformer (arXiv 2504.10317), as a ``validate`` run.
 
 For every (source, target) prompt pair the module denoises the same fixed-seed latents for a
-few DDIM steps with each prompt and, through ``callbacks.vdit_attention.VDiTAttention``,
+few DDIM steps with each prompt and, through ``lantern.callbacks.vdit_attention.VDiTAttention``,
 measures per layer/head: the sink mass (top key columns), the sparsity profile (mass in the
 top-p% keys), the cross-prompt structure similarity (Pearson correlation of sampled query rows),
 the output error of zeroing the bottom k% of each row (locally per layer, end to end, and with
@@ -29,7 +29,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
-from callbacks.vdit_attention import VDiTAttention, structure_similarity
+from lantern.callbacks.vdit_attention import VDiTAttention, structure_similarity
 
 # The tiny random CogVideoX of diffusers' own model tests, with 3 layers (so a transfer layer has
 # one before and one after it) and rotary embeddings (CogVideoX-5b style) so RoPE is exercised.

@@ -1,8 +1,8 @@
 """Plain ``nn.Module`` architectures and model loading, apart from the Lightning glue."""
 
-from models.adapters import ArchAdapter, UnsupportedArchitecture, get_adapter
-from models.loading import DEFAULT_MODEL, ByteTokenizer, ModelLoadError, load_model, load_tokenizer
-from models.moe import MoEFeedForward, MoETransformer
+from lantern.models.adapters import ArchAdapter, UnsupportedArchitecture, get_adapter
+from lantern.models.loading import DEFAULT_MODEL, ByteTokenizer, ModelLoadError, load_model, load_tokenizer
+from lantern.models.moe import MoEFeedForward, MoETransformer
 
 __all__ = [
     "ArchAdapter", "ByteTokenizer", "DEFAULT_MODEL", "ModelLoadError", "MoEFeedForward", "MoETransformer",

@@ -244,7 +244,7 @@ class MoEOutput(NamedTuple):
 class MoETransformer(nn.Module):
     """Pre-norm decoder-only transformer (RoPE, SwiGLU) whose every FFN is an MoE layer."""
 
-    model_type = "lantern_moe"  # its entry in models.adapters
+    model_type = "lantern_moe"  # its entry in lantern.models.adapters
 
     def __init__(
         self,

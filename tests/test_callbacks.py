@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from callbacks import HeadAblation
-from models import MoETransformer, get_adapter, load_model
+from lantern.callbacks import HeadAblation
+from lantern.models import MoETransformer, get_adapter, load_model
 
 
 def _capture(model, layer):
@@ -54,8 +54,8 @@ def test_ablation_on_the_moe_transformer_and_range_errors():
 def test_callback_hooks_live_only_during_a_trainer_stage(corpus, tmp_path):
     import lightning as L
 
-    from datamodules import TextDataModule
-    from lightning_modules import MoEPretraining
+    from lantern.datamodules import TextDataModule
+    from lantern.lightning_modules import MoEPretraining
 
     torch.manual_seed(0)
     module = MoEPretraining(MoETransformer(d_model=32, n_layers=2, n_heads=4, n_experts=4, d_expert=32, max_seq_len=32))
@@ -74,7 +74,7 @@ def test_callback_hooks_live_only_during_a_trainer_stage(corpus, tmp_path):
 # ----------------------------------------------------------------------------- ActivationCache
 from safetensors.torch import load_file  # noqa: E402
 
-from callbacks import ActivationCache, SinkMeasurement  # noqa: E402
+from lantern.callbacks import ActivationCache, SinkMeasurement  # noqa: E402
 
 
 def _padded(pad_side: str):
@@ -182,8 +182,8 @@ def test_mean_replacement_is_the_causal_running_mean_over_real_tokens():
 def test_mask_fn_chooses_heads_per_batch_with_ablation_off(corpus, tmp_path):
     import lightning as L
 
-    from datamodules import TextDataModule
-    from lightning_modules import MoEPretraining
+    from lantern.datamodules import TextDataModule
+    from lantern.lightning_modules import MoEPretraining
 
     torch.manual_seed(0)
     module = MoEPretraining(MoETransformer(d_model=32, n_layers=2, n_heads=4, n_experts=4, d_expert=32, max_seq_len=32))
@@ -263,8 +263,8 @@ def test_sinks_are_measured_during_moe_pretraining(corpus, tmp_path):
     import lightning as L
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from datamodules import TextDataModule
-    from lightning_modules import MoEPretraining
+    from lantern.datamodules import TextDataModule
+    from lantern.lightning_modules import MoEPretraining
 
     torch.manual_seed(0)
     net = MoETransformer(d_model=32, n_layers=2, n_heads=4, n_experts=4, d_expert=32, max_seq_len=32)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from cli import cli_main
+from lantern.cli import cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").rglob("*.yaml"))

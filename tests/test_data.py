@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.text import DataError, ResumableSampler, TextDataModule, _is_val
+from lantern.datamodules.text import DataError, ResumableSampler, TextDataModule, _is_val
 
 
 def _dm(source, tmp_path, **kw):

@@ -4,11 +4,11 @@ import lightning as L
 import pytest
 import torch
 
-from datamodules import DataError, EvalTasksDataModule
-from datamodules.eval_tasks import BUILTIN, _records, parse_gsm8k, parse_mc
-from lightning_modules import DormantHeadsStudy
-from lightning_modules.dormant_heads import head_scores, most_dormant
-from models import get_adapter, load_model
+from lantern.datamodules import DataError, EvalTasksDataModule
+from lantern.datamodules.eval_tasks import BUILTIN, _records, parse_gsm8k, parse_mc
+from lantern.lightning_modules import DormantHeadsStudy
+from lantern.lightning_modules.dormant_heads import head_scores, most_dormant
+from lantern.models import get_adapter, load_model
 
 
 def _batch(lengths, width):
@@ -102,9 +102,9 @@ def test_baseline_accuracy_equals_a_direct_log_likelihood_computation(tmp_path):
     assert set(got) == {("output_norm", 0), ("output_norm", 25), ("random", 0), ("random", 25)}
 
     # 25% of 8 heads = 2 per question, the lowest output-norm ratios averaged over its choices.
-    from callbacks import HeadAblation
-    from datamodules.eval_tasks import pad
-    from lightning_modules.dormant_heads import positions
+    from lantern.callbacks import HeadAblation
+    from lantern.datamodules.eval_tasks import pad
+    from lantern.lightning_modules.dormant_heads import positions
 
     ablated_correct, losses = 0, []
     with HeadAblation().applied(model) as ablation:
@@ -141,7 +141,7 @@ def test_zeroing_no_heads_is_bit_identical():
 
 
 def test_fewshot_prompts_hold_k_solved_other_items():
-    from datamodules.eval_tasks import MCItem, with_fewshot
+    from lantern.datamodules.eval_tasks import MCItem, with_fewshot
 
     items = [MCItem([(f"Q{i}:", " a"), (f"Q{i}:", " b")], i % 2) for i in range(6)]
     shot = with_fewshot(items, 3)

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from models import ModelLoadError, UnsupportedArchitecture, get_adapter, load_model, load_tokenizer
-from models.loading import cache_root
+from lantern.models import ModelLoadError, UnsupportedArchitecture, get_adapter, load_model, load_tokenizer
+from lantern.models.loading import cache_root
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-gpt2"])
@@ -25,7 +25,7 @@ def test_adapter_finds_blocks_and_per_head_o_proj_input(name):
 
 
 def test_moe_transformer_has_an_adapter():
-    from models import MoETransformer
+    from lantern.models import MoETransformer
 
     model = MoETransformer(n_layers=3)
     adapter = get_adapter(model)

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.moe import MoEFeedForward, MoETransformer
+from lantern.models.moe import MoEFeedForward, MoETransformer
 
 
 def _layer(mode="default", **kw):

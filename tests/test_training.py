@@ -9,9 +9,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from datamodules import TextDataModule
-from lightning_modules import MoEPretraining, NonFiniteLossError
-from models import MoETransformer
+from lantern.datamodules import TextDataModule
+from lantern.lightning_modules import MoEPretraining, NonFiniteLossError
+from lantern.models import MoETransformer
 
 
 def _module(mode="default", seed=0, **kw):

@@ -12,7 +12,7 @@ import torch
 from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 from diffusers.models.embeddings import apply_rotary_emb
 
-from callbacks.vdit_attention import (
+from lantern.callbacks.vdit_attention import (
     CogVideoXStudyProcessor,
     MapReducer,
     VDiTAttention,
@@ -20,7 +20,7 @@ from callbacks.vdit_attention import (
     sparsify_rows,
     structure_similarity,
 )
-from lightning_modules.vdit_attention import (
+from lantern.lightning_modules.vdit_attention import (
     VDiTAttentionStudy,
     cogvideox_rotary_embedding,
     hashed_prompt_embedding,
@@ -236,7 +236,7 @@ def test_layer_out_of_range_fails_on_install_and_leaves_the_model_alone(model, s
 
 
 def test_the_tiny_study_writes_its_summary(tmp_path, monkeypatch):
-    from cli import cli_main
+    from lantern.cli import cli_main
 
     monkeypatch.chdir(tmp_path)
     cli = cli_main(["validate", "--config", str(ROOT / "configs/vdit_attention/cogvideox_tiny.yaml"),
