@@ -1,35 +1,56 @@
 """Lantern's command line: ``python cli.py fit|validate|test|predict --config configs/<x>.yaml``.
 
 Configs compose left to right (``--config recipe.yaml --config configs/strategy/ddp.yaml``).
-Every run logs to TensorBoard under ``runs/<experiment>/``, keeps the last and the best
-checkpoint, monitors the learning rate and saves its resolved ``config.yaml`` beside the logs.
-``validate``/``test``/``predict --ckpt_path RUN/checkpoints/x.ckpt`` without ``--config``
-rebuild the run from its saved ``config.yaml``.
+Every run logs to TensorBoard under ``runs/<recipe>/version_N/`` (``runs/<recipe>/latest``
+links to the newest run with a checkpoint), keeps the last and the best checkpoint (only
+finite ones), stops on non-finite gradients, monitors the learning rate and saves its
+resolved ``config.yaml``. ``validate``/``test``/``predict --ckpt_path RUN/checkpoints/x.ckpt``
+without ``--config`` rebuild the run from its saved ``config.yaml``.
+
+Every expected error — a bad value, file, checkpoint or setting, found by whichever layer —
+ends in one line, ``lantern: error: …``; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
+import logging
+import re
+import shutil
 import sys
 import warnings
 from argparse import ArgumentError
 from pathlib import Path
+from typing import Any
 
+import torch
+import yaml
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI
 
 import lantern.datamodules  # noqa: F401  (registers the DataModules)
 import lantern.lightning_modules  # noqa: F401  (registers the LightningModules)
-from lantern.datamodules import DataError
-from lantern.lightning_modules import NonFiniteLossError
-from lantern.models import ModelLoadError, UnsupportedArchitecture
+from lantern.callbacks.nonfinite import FiniteCheckpoint, NonFiniteGuard, link_latest
+from lantern.errors import CheckpointError, ConfigError, LanternError
+from lantern.models.loading import writable_dir
 
 EVAL_COMMANDS = ("validate", "test", "predict")
+_NUMBER = re.compile(r"^-\d*\.?\d+(e[-+]?\d+)?$", re.I)
 
 
 class LanternCLI(LightningCLI):
+    def __init__(self, *args, checkpoint: dict | None = None, **kwargs):
+        self.checkpoint_state = checkpoint  # the --ckpt_path state dict, read once before parsing
+        try:
+            super().__init__(*args, **kwargs)
+        except Exception as err:  # the parsed config lets the error name the field as the user types it
+            config, subcommand = getattr(self, "config", None), getattr(self, "subcommand", None)
+            err.lantern_config = config.get(subcommand) if config is not None and subcommand else config
+            raise
+
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(FiniteCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/loss",
@@ -40,16 +61,187 @@ class LanternCLI(LightningCLI):
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
+        parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand]
+        trainer, monitor = config.trainer, config.checkpoint.monitor
+        max_steps, clip = trainer.max_steps, trainer.gradient_clip_val
+        if max_steps is not None and (max_steps == 0 or max_steps < -1):
+            raise ConfigError("trainer", "max_steps", max_steps, "a positive number of steps, or -1 for no limit")
+        if clip is not None and clip < 0:
+            raise ConfigError("trainer", "gradient_clip_val", clip, "≥ 0 (or null for no clipping)")
+        loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
+        for logger in loggers:
+            logger = logger.as_dict() if hasattr(logger, "as_dict") else logger
+            save_dir = (logger.get("init_args") or {}).get("save_dir") if isinstance(logger, dict) else None
+            if save_dir:
+                writable_dir(Path(save_dir), logger["class_path"].rsplit(".", 1)[-1], "save_dir", create=False)
+        if trainer.default_root_dir:
+            writable_dir(Path(trainer.default_root_dir), "trainer", "default_root_dir", create=False)
+        if self.subcommand == "fit" and monitor and trainer.limit_val_batches == 0:
+            raise ConfigError(
+                "trainer", "limit_val_batches", 0,
+                f"> 0 while checkpoint.monitor={monitor!r} (no validation, no best checkpoint); "
+                "or set --checkpoint.monitor null",
+            )
 
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
-        except (ValueError, TypeError) as err:  # a config value the classes reject
-            while err.__cause__ or err.__context__:  # jsonargparse wraps the class's own message
+        except (ValueError, TypeError) as err:  # a class rejected its arguments; jsonargparse wraps that
+            if _expected_error(err) is not None:
+                raise
+            while err.__cause__ or err.__context__:  # a plain ValueError: its own message is the deepest
                 err = err.__cause__ or err.__context__
-            raise SystemExit(f"lantern: error: {self.subcommand} config: {err}") from None
+            raise LanternError(f"{self.subcommand} config: {err}") from None
+
+    def instantiate_trainer(self, **kwargs):
+        _agree_on_tokenizer(self.model, self.datamodule)
+        if self.datamodule is not None and hasattr(self.model, "check_datamodule"):
+            self.model.check_datamodule(self.datamodule)  # before the Trainer, so the error comes alone
+        if self.checkpoint_state is not None:
+            check_checkpoint_fits(self.checkpoint_state, self.model, self.config[self.subcommand].ckpt_path)
+            self.checkpoint_state = None
+        if self.subcommand == "predict":
+            _check_predict(self.model, self.datamodule)
+        return super().instantiate_trainer(**kwargs)
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
+        if not config.get("logger"):  # no logger: nothing to monitor the LR with, no run directory to save into
+            callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+            self.save_config_callback = None
+        return super()._instantiate_trainer(config, callbacks)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            _discard_empty_run(self.trainer)
+            raise
+        study = subcommand != "fit" and not self.config[subcommand].get("ckpt_path")
+        if study and self.trainer.is_global_zero and self.trainer.log_dir:  # fit runs are linked at each checkpoint
+            link_latest(Path(self.trainer.log_dir))
+
+
+# ----------------------------------------------------------------------------- checks
+def _agree_on_tokenizer(model: LightningModule, data: LightningDataModule | None) -> None:
+    """A study's model and its data share one tokenizer: the data takes the model's unless it names one."""
+    wanted = getattr(model, "tokenizer_name", None)
+    if wanted is None or data is None or not hasattr(data, "tokenizer_name"):
+        return
+    if data.tokenizer_name is None:
+        data.tokenizer_name = wanted
+    elif data.tokenizer_name != wanted:
+        raise ConfigError(
+            data, "tokenizer", data.tokenizer_name,
+            f"the model's tokenizer {wanted!r} (or leave it out: the data then uses the model's)",
+        )
+
+
+def _check_predict(model: LightningModule, data: LightningDataModule | None) -> None:
+    if type(model).predict_step is LightningModule.predict_step:
+        raise LanternError(f"{type(model).__name__} has no predict step: use validate or test")
+    if data is not None and type(data).predict_dataloader is LightningDataModule.predict_dataloader:
+        raise LanternError(f"{type(data).__name__} has no predict data: use validate or test")
+
+
+def read_checkpoint(path: str) -> dict:
+    """The checkpoint's state, with a clear error for a missing, empty, truncated or foreign file."""
+    file = Path(path)
+    if not file.is_file():
+        raise CheckpointError(f"--ckpt_path {path}: no such checkpoint file")
+    if file.stat().st_size == 0:
+        raise CheckpointError(f"--ckpt_path {path}: the file is empty")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # torch raises many types for a damaged file; all mean "not loadable"
+        raise CheckpointError(f"--ckpt_path {path}: not a readable checkpoint (truncated, damaged, or not written by torch.save)") from None
+    if not isinstance(state, dict) or not isinstance(state.get("state_dict"), dict):
+        raise CheckpointError(f"--ckpt_path {path}: not a Lightning checkpoint (no state_dict)")
+    return state
+
+
+def check_checkpoint_fits(state: dict, model: torch.nn.Module, path: str) -> None:
+    """Compare names and shapes before a run starts, so a checkpoint of another model fails in one line."""
+    saved = state["state_dict"]
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
+    if missing or unexpected:
+        what = f"lacks {missing[0]}" if missing else f"has {unexpected[0]}, which the model lacks"
+        raise CheckpointError(
+            f"--ckpt_path {path}: does not fit {type(model).__name__}: the checkpoint {what} "
+            f"({len(missing)} missing, {len(unexpected)} unexpected tensors; was it written by another recipe?)"
+        )
+    for name, tensor in own.items():
+        if tuple(saved[name].shape) != tuple(tensor.shape):
+            raise CheckpointError(
+                f"--ckpt_path {path}: does not fit {type(model).__name__}: {name} is {list(saved[name].shape)} "
+                f"in the checkpoint and {list(tensor.shape)} in the model (a model of another size?)"
+            )
+
+
+def _discard_empty_run(trainer) -> None:
+    """A run that failed before its first step leaves no version folder behind."""
+    if trainer is None or trainer.global_step > 0 or not trainer.loggers or not trainer.is_global_zero:
+        return
+    run = Path(trainer.log_dir or "")
+    if run.name.startswith("version_") and run.is_dir() and not any(run.rglob("*.ckpt")):
+        shutil.rmtree(run, ignore_errors=True)
+        if run.parent.is_dir() and not any(run.parent.iterdir()):
+            run.parent.rmdir()
+
+
+# ----------------------------------------------------------------------------- arguments
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A YAML mapping with a key twice is a mistake, not a silent 'last one wins'."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def check_config_file(path: str) -> None:
+    file = Path(path)
+    if not file.is_file():
+        raise LanternError(f"--config {path}: no such file")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise LanternError(f"--config {path}: not a text YAML file (byte {err.start} is not UTF-8)") from None
+    except OSError as err:
+        raise LanternError(f"--config {path}: cannot be read ({err.strerror})") from None
+    try:
+        content = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise LanternError(f"--config {path}:{where}: invalid YAML ({problem})") from None
+    if content is None:
+        raise LanternError(f"--config {path}: the file is empty")
+    if not isinstance(content, dict):
+        raise LanternError(f"--config {path}: expected a mapping of settings (trainer:, model:, data:), got a {type(content).__name__}")
+
+
+def _option_values(args: list[str], option: str) -> list[tuple[int, str]]:
+    """(index, value) of every ``--option value`` and ``--option=value``."""
+    found = []
+    for i, arg in enumerate(args):
+        if arg == option and i + 1 < len(args):
+            found.append((i + 1, args[i + 1]))
+        elif arg.startswith(option + "="):
+            found.append((i, arg.split("=", 1)[1]))
+    return found
 
 
 def _run_config(ckpt_path: str) -> Path | None:
@@ -60,22 +252,43 @@ def _run_config(ckpt_path: str) -> Path | None:
     return None
 
 
-def _with_run_config(args: list[str]) -> list[str]:
-    if not args or args[0] not in EVAL_COMMANDS or any(a == "--config" or a.startswith("--config=") for a in args):
-        return args
-    ckpt = next((a.split("=", 1)[1] for a in args if a.startswith("--ckpt_path=")), None)
-    if ckpt is None and "--ckpt_path" in args[:-1]:
-        ckpt = args[args.index("--ckpt_path") + 1]
-    if ckpt is None:
-        return args
-    if not Path(ckpt).is_file():
-        raise SystemExit(f"lantern: error: --ckpt_path {ckpt}: no such checkpoint file")
-    config = _run_config(ckpt)
-    if config is None:
-        raise SystemExit(f"lantern: error: no config.yaml found above {ckpt}; pass the run's recipe with --config")
-    return [args[0], "--config", str(config), *args[1:]]
+def prepare_args(args: list[str]) -> tuple[list[str], dict | None]:
+    """Check config files and the checkpoint before parsing; add the run's config for evaluation."""
+    args = list(args)
+    for i in range(len(args) - 1):  # `--lr -1e-3`: argparse would take -1e-3 for an option
+        if args[i] and args[i].startswith("--") and "=" not in args[i] and _NUMBER.match(args[i + 1]):
+            args[i], args[i + 1] = f"{args[i]}={args[i + 1]}", None
+    args = [a for a in args if a is not None]
+    configs = _option_values(args, "--config")
+    for _, path in configs:
+        check_config_file(path)
+    state = None
+    ckpts = _option_values(args, "--ckpt_path")
+    if ckpts:
+        index, ckpt = ckpts[-1]
+        state = read_checkpoint(ckpt)
+        real = str(Path(ckpt).resolve())  # runs/x/latest may move once this run starts
+        args[index] = real if args[index] == ckpt else f"--ckpt_path={real}"
+        if args and args[0] in EVAL_COMMANDS and not configs:
+            config = _run_config(real)
+            if config is None:
+                raise CheckpointError(f"no config.yaml found above {ckpt}; pass the run's recipe with --config")
+            args = [args[0], "--config", str(config), *args[1:]]
+    return args, state
 
 
+def run_name(args: list[str]) -> str:
+    """``configs/default_moe/tiny.yaml`` → ``default_moe_tiny``; overlays from the same folder add their name."""
+    paths = [Path(p) for _, p in _option_values(args, "--config")]
+    if not paths:
+        return "default"
+    first = paths[0]
+    parts = [first.parent.name, first.stem] if first.parent.name not in ("", ".", "configs") else [first.stem]
+    parts += [p.stem for p in paths[1:] if p.parent.resolve() == first.parent.resolve()]
+    return "_".join(parts)
+
+
+# ----------------------------------------------------------------------------- errors
 _NOISE = ("Does not validate against", "Subtypes:", "Errors:", "- Expected a <class 'NoneType'>", "Given value")
 
 
@@ -85,10 +298,71 @@ def _one_line(message: str) -> str:
     return " ".join(lines)
 
 
+def _expected_error(err: BaseException) -> BaseException | None:
+    """The most informative expected error in the chain: the outermost LanternError, else a known library one."""
+    chain, seen = [], set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    for kind in (LanternError, MisconfigurationException, ArgumentError):
+        for e in chain:
+            if isinstance(e, kind):
+                return e
+    return None
+
+
+def _config_path(config: Any, owner: str, field: str, path: str = "") -> str | None:
+    """Where ``owner(field=…)`` sits in the parsed config, as the user would type it."""
+    if hasattr(config, "as_dict"):
+        config = config.as_dict()
+    if isinstance(config, dict):
+        if str(config.get("class_path", "")).rsplit(".", 1)[-1] == owner and isinstance(config.get("init_args"), dict):
+            return f"{path}.init_args.{field}".lstrip(".")
+        if isinstance(config.get(owner), dict) and "class_path" not in config[owner]:  # a group such as optim
+            return f"{path}.{owner}.{field}".lstrip(".")
+        for key, value in config.items():
+            found = _config_path(value, owner, field, f"{path}.{key}")
+            if found:
+                return found
+    elif isinstance(config, list):
+        for i, value in enumerate(config):
+            found = _config_path(value, owner, field, f"{path}[{i}]")
+            if found:
+                return found
+    return None
+
+
+def describe(err: BaseException, config: Any = None) -> str:
+    if isinstance(err, ConfigError):
+        path = f"trainer.{err.field}" if err.owner == "trainer" else _config_path(config, err.owner, err.field)
+        message = err.render(path) if path else str(err)
+    elif isinstance(err, ArgumentError):
+        message = _one_line(str(err))
+    else:
+        message = str(err)
+    return " ".join(message.split())
+
+
+def _quiet() -> None:
+    """Keep stderr for what matters: no seed notice (config.yaml has it), adverts or upstream deprecations."""
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
+
+    class _NoTips(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "Tip:" not in record.getMessage()
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_NoTips())
+
+
 def cli_main(args: list[str] | None = None) -> LanternCLI | None:
     args = list(sys.argv[1:] if args is None else args)
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    _quiet()
     try:
+        args, checkpoint = prepare_args(args)
         return LanternCLI(
             LightningModule,
             LightningDataModule,
@@ -100,16 +374,18 @@ def cli_main(args: list[str] | None = None) -> LanternCLI | None:
             trainer_defaults={
                 "logger": {
                     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                    "init_args": {"save_dir": "runs", "name": "default"},
+                    "init_args": {"save_dir": "runs", "name": run_name(args)},
                 }
             },
             parser_kwargs={"exit_on_error": False},
-            args=_with_run_config(args),
+            args=args,
+            checkpoint=checkpoint,
         )
-    except ArgumentError as err:
-        raise SystemExit(f"lantern: error: {_one_line(str(err))}") from None
-    except (DataError, ModelLoadError, NonFiniteLossError, UnsupportedArchitecture) as err:
-        raise SystemExit(f"lantern: error: {err}") from None
+    except Exception as err:
+        expected = _expected_error(err)
+        if expected is None:
+            raise
+        raise SystemExit(f"lantern: error: {describe(expected, getattr(err, 'lantern_config', None))}") from None
 
 
 if __name__ == "__main__":

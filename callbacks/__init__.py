@@ -2,7 +2,8 @@
 
 from lantern.callbacks.activation_cache import ActivationCache
 from lantern.callbacks.head_ablation import HeadAblation
+from lantern.callbacks.nonfinite import FiniteCheckpoint, NonFiniteGuard
 from lantern.callbacks.sinks import SinkMeasurement
 from lantern.callbacks.vdit_attention import VDiTAttention
 
-__all__ = ["ActivationCache", "HeadAblation", "SinkMeasurement", "VDiTAttention"]
+__all__ = ["ActivationCache", "FiniteCheckpoint", "HeadAblation", "NonFiniteGuard", "SinkMeasurement", "VDiTAttention"]

@@ -5,7 +5,8 @@ Names: ``blocks.{l}.hook_resid_pre`` (input of block l), ``blocks.{l}.hook_resid
 ``blocks.{l}.attn.hook_z`` (per-head outputs before ``o_proj``, ``[.., H, D]``). Only the
 sites, layers and names asked for are hooked — caching everything exhausts memory.
 Positions: ``all``, ``last`` (each row's last real token, so left and right padding agree)
-or ``mean`` over real tokens.
+or ``mean`` over real tokens — of each forward call: under a KV-cached ``generate`` a call
+covers only its new positions, and each call is kept as its own entry.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lantern.callbacks.base import ModelHookCallback, check_layers
+from lantern.errors import ConfigError, require
 from lantern.models.adapters import ArchAdapter
 
 Site = Literal["resid_pre", "resid_post", "attn_out", "mlp_out", "head_out"]
@@ -63,13 +65,16 @@ class ActivationCache(ModelHookCallback):
             model_attr: attribute of the LightningModule holding the model (the module itself if absent).
         """
         super().__init__(model_attr)
-        unknown = [s for s in sites if s not in SITES]
-        if unknown:
-            raise ValueError(f"unknown site {unknown[0]!r}; choose from {', '.join(SITES)}")
-        if positions not in ("all", "last", "mean"):
-            raise ValueError(f"positions={positions!r} must be 'all', 'last' or 'mean'")
-        self.sites, self.layers, self.positions = list(sites), layers, positions
-        self.pattern = re.compile(names) if names else None
+        require(len(sites) > 0 and all(s in SITES for s in sites), self, "sites", list(sites),
+                f"a non-empty list of sites from {', '.join(SITES)}")
+        require(positions in ("all", "last", "mean"), self, "positions", positions, "'all', 'last' or 'mean'")
+        require(isinstance(batches_per_shard, int) and batches_per_shard >= 1, self, "batches_per_shard",
+                batches_per_shard, "an integer ≥ 1")
+        try:
+            self.pattern = re.compile(names) if names else None
+        except re.error as err:
+            raise ConfigError(self, "names", names, f"a regular expression ({err})") from None
+        self.sites, self.layers, self.positions, self.names = list(sites), layers, positions, names
         self.save_dir = Path(save_dir) if save_dir else None
         self.batches_per_shard, self.stages = batches_per_shard, set(stages)
         self.recording = True
@@ -78,8 +83,9 @@ class ActivationCache(ModelHookCallback):
         self._shard = 0
 
     def _register(self, model: nn.Module, adapter: ArchAdapter) -> None:
-        layers = check_layers(self.layers, adapter.num_layers(model))
+        layers = check_layers(self.layers, adapter.num_layers(model), self)
         n_heads = adapter.num_heads(model)
+        hooked = 0
         for layer in layers:
             block = adapter.blocks(model)[layer]
             for site in self.sites:
@@ -95,6 +101,9 @@ class ActivationCache(ModelHookCallback):
                               "mlp_out": adapter.feed_forward(model, layer)}[site]
                     hook = module.register_forward_hook(self._out_hook(name))
                 self._handles.append(hook)
+                hooked += 1
+        require(hooked > 0, self, "names", self.names,
+                f"a pattern matching at least one hooked name, e.g. {_NAME[self.sites[0]].format(layers[0])}")
 
     def _pre_hook(self, name):
         def hook(module, args, kwargs):
@@ -116,17 +125,14 @@ class ActivationCache(ModelHookCallback):
         if not self.recording:
             return
         x = x.detach()
-        mask = self.token_mask
-        if mask is None or mask.shape != x.shape[:2]:
-            mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        mask = mask.to(x.device)
+        mask = self.real_tokens(*x.shape[:2], x.device)
         if self.positions == "last":
             # the last real token: the highest index with mask 1 (right padding) or S-1 (left padding)
             last = (mask.long() * torch.arange(mask.shape[1], device=x.device)).argmax(-1)
             x = x[torch.arange(x.shape[0], device=x.device), last]
         elif self.positions == "mean":
-            m = mask.view(*mask.shape, *([1] * (x.dim() - 2))).to(x.dtype)
-            x = (x * m).sum(1) / m.sum(1).clamp(min=1)
+            m = mask.view(*mask.shape, *([1] * (x.dim() - 2)))
+            x = x.where(m, 0).sum(1) / m.sum(1).clamp(min=1)  # where: padding may be NaN under eager attention
         self._store[name].append(x.cpu())
 
     # -- results

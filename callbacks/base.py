@@ -3,7 +3,9 @@
 Hooks are registered on the raw model (never a replaced module or patched ``forward``) in
 ``setup`` or inside ``applied(model)``, and removed in ``teardown`` or on leaving the
 context. A pre-hook on the model itself captures which tokens are real (from
-``attention_mask``), so reductions over positions are padding-aware on either side.
+``attention_mask``), so reductions over positions are padding-aware on either side. Under a
+KV cache (cached ``generate``) a call computes only its S new positions while the mask spans
+past and new ones; ``real_tokens`` and ``key_mask`` reconcile the two or raise, never guess.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from lantern.errors import DataError, require
 from lantern.models.adapters import ArchAdapter, attn_implementation, get_adapter
 
 
@@ -22,11 +25,37 @@ class ModelHookCallback(L.Callback):
     def __init__(self, model_attr: str = "model"):
         self.model_attr = model_attr
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self.token_mask: torch.Tensor | None = None  # [B, S] bool, True at real tokens
+        self.token_mask: torch.Tensor | None = None  # [B, past + S] bool, True at real tokens; None: no mask given
+        self.past_len = 0  # positions already in the KV cache when the current call started
 
     # -- to implement
     def _register(self, model: nn.Module, adapter: ArchAdapter) -> None:
         raise NotImplementedError
+
+    # -- masks of the current forward call
+    def real_tokens(self, batch: int, seq: int, device) -> torch.Tensor:
+        """[B, S] True at the real tokens among the S positions this call computes.
+
+        A KV-cached call feeds only its new positions, and its mask spans past and new ones:
+        those are its last S columns. Anything else cannot be lined up, so it raises.
+        """
+        mask = self.token_mask
+        if mask is None:
+            return torch.ones(batch, seq, dtype=torch.bool, device=device)
+        if mask.shape[0] != batch or mask.shape[1] < seq:
+            raise DataError(f"{type(self).__name__}: attention_mask of shape {tuple(mask.shape)} does not cover "
+                            f"the {batch} × {seq} positions of this forward call")
+        return mask[:, mask.shape[1] - seq:].to(device)
+
+    def key_mask(self, batch: int, keys: int, device) -> torch.Tensor:
+        """[B, K] True at the real tokens among all K key positions (past and new) the call attends to."""
+        mask = self.token_mask
+        if mask is None:
+            return torch.ones(batch, keys, dtype=torch.bool, device=device)
+        if tuple(mask.shape) != (batch, keys):
+            raise DataError(f"{type(self).__name__}: attention_mask of shape {tuple(mask.shape)} does not match "
+                            f"the {batch} × {keys} key positions of this forward call")
+        return mask.to(device)
 
     # -- lifecycle
     def target(self, pl_module: L.LightningModule) -> nn.Module:
@@ -40,13 +69,16 @@ class ModelHookCallback(L.Callback):
 
         def capture_mask(module, args, kwargs):
             bound = signature.bind_partial(*args, **kwargs).arguments
+            bound = {**bound.pop("kwargs", {}), **bound}
             mask, ids = bound.get("attention_mask"), bound.get("input_ids")
             if ids is None:
                 ids = bound.get("inputs_embeds")
-            if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-                self.token_mask = mask.bool()
-            elif isinstance(ids, torch.Tensor):
-                self.token_mask = torch.ones(ids.shape[:2], dtype=torch.bool, device=ids.device)
+            cache = bound.get("cache") if bound.get("cache") is not None else bound.get("past_key_values")
+            self.token_mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+            if self.token_mask is not None and isinstance(ids, torch.Tensor):
+                self.past_len = self.token_mask.shape[1] - ids.shape[1]
+            else:  # without a mask only the cache itself knows whether this call extends a sequence
+                self.past_len = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
 
         self._handles.append(model.register_forward_pre_hook(capture_mask, with_kwargs=True))
         try:
@@ -76,12 +108,13 @@ class ModelHookCallback(L.Callback):
         self.detach()
 
 
-def check_layers(layers, n_layers: int, what: str = "layer") -> list[int]:
-    layers = list(range(n_layers)) if layers is None else list(layers)
-    bad = [layer for layer in layers if not 0 <= layer < n_layers]
-    if bad:
-        raise ValueError(f"{what} {bad[0]} out of range: the model has {n_layers} layers")
-    return layers
+def check_layers(layers, n_layers: int, owner, field: str = "layers") -> list[int]:
+    """The layer indices asked for (None: all), each checked against the model's depth."""
+    if layers is None:
+        return list(range(n_layers))
+    require(len(layers) > 0 and all(isinstance(layer, int) and 0 <= layer < n_layers for layer in layers), owner, field,
+            list(layers), f"a non-empty list of layer indices in [0, {n_layers}): the model has {n_layers} layers")
+    return list(layers)
 
 
 @contextmanager
@@ -97,19 +130,21 @@ def eager_attention(model: nn.Module):
             model.set_attn_implementation(before)
 
 
-def first_token_mass(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def first_token_mass(probs: torch.Tensor, key_mask: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
     """[B, H]: attention on each row's first real token, averaged over its real query positions.
 
-    probs: [B, H, S, S] attention weights; mask: [B, S] True at real tokens.
+    probs: [B, H, Q, K] attention weights; key_mask: [B, K] and query_mask: [B, Q], True at real
+    tokens. Under a KV cache Q < K: the queries are the last Q positions, the keys all of them.
+    Padding rows are selected away, not multiplied by 0: eager attention may leave them NaN.
     """
-    first = mask.float().argmax(-1)  # index of the first real token (left padding moves it)
-    on_first = probs.gather(-1, first.view(-1, 1, 1, 1).expand(*probs.shape[:3], 1)).squeeze(-1)  # [B, H, S]
-    q = mask.unsqueeze(1).to(probs.dtype)
-    return (on_first * q).sum(-1) / q.sum(-1).clamp(min=1)
+    first = key_mask.float().argmax(-1)  # index of the first real token (left padding moves it)
+    on_first = probs.gather(-1, first.view(-1, 1, 1, 1).expand(*probs.shape[:3], 1)).squeeze(-1)  # [B, H, Q]
+    q = query_mask.unsqueeze(1)
+    return on_first.where(q, 0).sum(-1) / q.sum(-1).clamp(min=1)
 
 
-def topk_column_mass(probs: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
-    """[B, H]: mass of the k key columns that receive the most attention, averaged over real queries."""
-    q = mask.unsqueeze(1).unsqueeze(-1).to(probs.dtype)  # [B, 1, S, 1]
-    columns = (probs * q).sum(-2) / q.sum(-2).clamp(min=1)  # [B, H, S]
-    return columns.topk(min(k, columns.shape[-1]), dim=-1).values.sum(-1)
+def topk_column_mass(probs: torch.Tensor, key_mask: torch.Tensor, query_mask: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, H]: mass of the k real key columns that receive the most attention, averaged over real queries."""
+    q = query_mask.unsqueeze(1).unsqueeze(-1)  # [B, 1, Q, 1]
+    columns = probs.where(q, 0).sum(-2) / q.sum(-2).clamp(min=1)  # [B, H, K]
+    return columns.masked_fill(~key_mask.unsqueeze(1), 0).topk(k, dim=-1).values.sum(-1)

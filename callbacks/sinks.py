@@ -7,7 +7,9 @@ small values mark dormant heads (arXiv 2504.03889). Attention runs eager only wh
 measuring; hooks keep [B, H] reductions per layer, never the L×H×S² maps. During ``fit`` it
 measures on every validation pass, so a pretraining run shows sinks and dormant heads
 emerging: it logs ``attn/sink_mass/L{l}`` and ``attn/dormant_share/L{l}``, layer×head
-heatmaps, and appends to ``sinks.json`` in the run directory.
+heatmaps, and appends to ``sinks.json`` in the run directory. Under a KV-cached ``generate``
+each call's new query rows are measured against all keys, cached ones included, and every
+call counts as one more measurement per sequence.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import torch
 from torch import nn
 
 from lantern.callbacks.base import ModelHookCallback, eager_attention, first_token_mass, topk_column_mass
+from lantern.errors import require
 from lantern.models.adapters import ArchAdapter
+from lantern.reporting import heatmap, write_figure
 
 
 _KEYS = ("sink_mass", "topk_mass", "output_norm_ratio", "dormant_share")
@@ -37,8 +41,7 @@ class SinkMeasurement(ModelHookCallback):
             model_attr: attribute of the LightningModule holding the model (the module itself if absent).
         """
         super().__init__(model_attr)
-        if top_k < 1:
-            raise ValueError(f"top_k={top_k} must be ≥ 1")
+        require(isinstance(top_k, int) and top_k >= 1, self, "top_k", top_k, "an integer ≥ 1")
         self.top_k, self.norm_tau, self.json_name = top_k, norm_tau, json_name
         self.recording = False
         self.reset()
@@ -56,12 +59,6 @@ class SinkMeasurement(ModelHookCallback):
             self._handles.append(module.register_forward_hook(self._probs_hook(layer, second)))
             self._handles.append(adapter.out_proj(model, layer).register_forward_pre_hook(self._norm_hook(layer, n_heads)))
 
-    def _mask(self, batch: int, seq: int, device) -> torch.Tensor:
-        mask = self.token_mask
-        if mask is None or mask.shape != (batch, seq):
-            mask = torch.ones(batch, seq, dtype=torch.bool, device=device)
-        return mask.to(device)
-
     def _add(self, key: str, layer: int, per_input: torch.Tensor) -> None:
         self._sums[key][layer] = self._sums[key].get(layer, 0) + per_input.sum(0).cpu()
 
@@ -73,11 +70,15 @@ class SinkMeasurement(ModelHookCallback):
             if probs is None:
                 raise RuntimeError("attention weights are not exposed; SinkMeasurement needs eager attention")
             probs = probs.detach().float()
-            mask = self._mask(probs.shape[0], probs.shape[-1], probs.device)
-            sink = first_token_mass(probs, mask)
+            batch, _, n_queries, n_keys = probs.shape
+            require(self.top_k <= n_keys, self, "top_k", self.top_k,
+                    f"at most the {n_keys} key positions of the measured input")
+            keys = self.key_mask(batch, n_keys, probs.device)
+            queries = self.real_tokens(batch, n_queries, probs.device)
+            sink = first_token_mass(probs, keys, queries)
             self.last["sink_mass"][layer] = sink
             self._add("sink_mass", layer, sink)
-            self._add("topk_mass", layer, topk_column_mass(probs, mask, self.top_k))
+            self._add("topk_mass", layer, topk_column_mass(probs, keys, queries, self.top_k))
             if layer == 0:
                 self._count += probs.shape[0]
         return hook
@@ -88,8 +89,8 @@ class SinkMeasurement(ModelHookCallback):
                 return
             x = args[0].detach()
             norms = x.view(*x.shape[:-1], n_heads, -1).float().norm(dim=-1)  # [B, S, H]
-            real = self._mask(*x.shape[:2], x.device).unsqueeze(-1).float()
-            n = (norms * real).sum(1) / real.sum(1).clamp(min=1)  # [B, H]
+            real = self.real_tokens(*x.shape[:2], x.device).unsqueeze(-1)
+            n = norms.where(real, 0).sum(1) / real.sum(1).clamp(min=1)  # [B, H]; padding may be NaN in eager
             ratio = n / n.mean(-1, keepdim=True).clamp(min=1e-12)
             self.last["output_norm_ratio"][layer] = ratio
             self._add("output_norm_ratio", layer, ratio)
@@ -145,9 +146,10 @@ class SinkMeasurement(ModelHookCallback):
             pl_module.log(f"attn/dormant_share/L{layer}", value, sync_dist=True)
         if not trainer.is_global_zero:
             return
-        log_heatmap(trainer, "attn/sink_mass", res["sink_mass"], step, "attention on the first token")
-        log_heatmap(trainer, "attn/output_norm_ratio", res["output_norm_ratio"].clamp(max=2) / 2, step,
-                    "output-norm ratio r_h / 2 (dark: dormant)")
+        write_figure(trainer, heatmap(res["sink_mass"], "attention on the first token", vmin=0, vmax=1),
+                     "attn/sink_mass", step=step)
+        write_figure(trainer, heatmap(res["output_norm_ratio"].clamp(max=2) / 2, "output-norm ratio r_h / 2 (dark: dormant)",
+                                      vmin=0, vmax=1), "attn/output_norm_ratio", step=step)
         if trainer.log_dir:
             path = Path(trainer.log_dir) / self.json_name
             records = json.loads(path.read_text()) if path.exists() else []
@@ -173,26 +175,3 @@ class SinkMeasurement(ModelHookCallback):
     def teardown(self, trainer, pl_module, stage):
         self._stop()
         super().teardown(trainer, pl_module, stage)
-
-
-def log_heatmap(trainer: L.Trainer, tag: str, values: torch.Tensor, step: int, title: str) -> None:
-    """A layer × head heatmap in TensorBoard (where a person would rather look than at numbers)."""
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-    if not loggers:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(1 + 0.35 * values.shape[1], 1 + 0.25 * values.shape[0]))
-    im = ax.imshow(values.numpy(), aspect="auto", vmin=0, vmax=1, cmap="viridis")
-    ax.set_xlabel("head")
-    ax.set_ylabel("layer")
-    ax.set_title(title)
-    fig.colorbar(im, ax=ax)
-    for lg in loggers:
-        lg.experiment.add_figure(tag, fig, global_step=step)
-    plt.close(fig)

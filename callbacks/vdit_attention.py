@@ -9,7 +9,7 @@ module computes *reductions* inside a diffusers attention processor, a chunk of 
 a time: per-head column mass (sinks), the mass captured by the top-p% keys (sparsity profile)
 and a seeded sample of query rows (cross-prompt structure similarity).
 
-``VDiTAttention`` holds the settings and the results; ``installed(transformer)`` swaps in one
+``VDiTAttention`` holds the settings and the results; ``applied(transformer)`` swaps in one
 processor per attention layer via ``set_attn_processor`` and restores the originals on exit.
 A processor family contributes only the q/k/v preparation and the output projection (CogVideoX
 now; Mochi/Hunyuan/Wan add a ``VDiTAttnProcessor`` subclass and a ``FAMILIES`` entry). With no
@@ -36,6 +36,8 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lantern.errors import require
 
 LayerSpec = Sequence[int] | Literal["all"]
 
@@ -252,19 +254,19 @@ class VDiTAttention(L.Callback):
             chunk_size: query rows per softmax chunk; bounds memory at chunk·n·heads floats.
             model_attr: as a Lightning callback, the LightningModule attribute holding the transformer.
         """
-        if not 0 <= sparsity < 1:
-            raise ValueError(f"sparsity={sparsity} must be in [0, 1)")
-        if transfer not in ("off", "record", "substitute"):
-            raise ValueError(f"transfer={transfer!r} must be 'off', 'record' or 'substitute'")
-        if transfer == "substitute" and maps is None:
-            raise ValueError("transfer='substitute' needs maps= from a run with transfer='record'")
-        if not top_p or not all(0 < p <= 1 for p in top_p):
-            raise ValueError(f"top_p={list(top_p)} must be fractions in (0, 1]")
-        if sink_top_k < 1 or chunk_size < 1 or n_query_samples < 0:
-            raise ValueError(f"sink_top_k={sink_top_k} and chunk_size={chunk_size} must be ≥ 1, n_query_samples={n_query_samples} ≥ 0")
+        require(0 <= sparsity < 1, self, "sparsity", sparsity, "a value in [0, 1)")
+        require(transfer in ("off", "record", "substitute"), self, "transfer", transfer, "'off', 'record' or 'substitute'")
+        require(not (transfer == "substitute" and maps is None), self, "maps", maps,
+                "the maps of a run with transfer='record' when transfer='substitute'")
+        require(len(top_p) > 0 and all(0 < p <= 1 for p in top_p), self, "top_p", list(top_p), "fractions in (0, 1]")
+        require(sink_top_k >= 1, self, "sink_top_k", sink_top_k, "≥ 1")
+        require(chunk_size >= 1, self, "chunk_size", chunk_size, "≥ 1")
+        require(n_query_samples >= 0, self, "n_query_samples", n_query_samples, "≥ 0")
+        require(map_dtype is None or isinstance(getattr(torch, map_dtype, None), torch.dtype), self, "map_dtype",
+                map_dtype, "a torch dtype name such as 'bfloat16', or None")
         for name, spec in (("record_layers", record_layers), ("sparsity_layers", sparsity_layers), ("transfer_layers", transfer_layers)):
-            if spec != "all" and (isinstance(spec, str) or not all(isinstance(i, int) for i in spec)):
-                raise ValueError(f"{name}={spec!r} must be a list of layer indices or 'all'")
+            require(spec == "all" or (not isinstance(spec, str) and all(isinstance(i, int) for i in spec)), self, name,
+                    spec, "a list of layer indices or 'all'")
         self.record_layers, self.sparsity, self.sparsity_layers = record_layers, sparsity, sparsity_layers
         self.renormalize, self.transfer, self.transfer_layers = renormalize, transfer, transfer_layers
         self.maps: dict[tuple[int, int], torch.Tensor] = {} if maps is None else maps
@@ -293,9 +295,8 @@ class VDiTAttention(L.Callback):
         self.n_layers = len(set(layers.values()))
         for spec_name in ("record_layers", "sparsity_layers", "transfer_layers"):
             spec = getattr(self, spec_name)
-            bad = [i for i in ([] if spec == "all" else spec) if not 0 <= i < self.n_layers]
-            if bad:
-                raise ValueError(f"{spec_name}: layer {bad[0]} out of range: the transformer has {self.n_layers} attention layers")
+            require(spec == "all" or all(0 <= i < self.n_layers for i in spec), self, spec_name, list(spec),
+                    f"layer indices in [0, {self.n_layers}): the transformer has {self.n_layers} attention layers")
         transformer.set_attn_processor(
             {key: processor_cls(self, layers[key]) if key in layers else proc for key, proc in originals.items()}
         )
@@ -309,8 +310,8 @@ class VDiTAttention(L.Callback):
             self._transformer, self._originals = None, None
 
     @contextmanager
-    def installed(self, transformer: nn.Module):
-        """``with VDiTAttention(sparsity=0.5).installed(transformer): transformer(...)``."""
+    def applied(self, transformer: nn.Module):
+        """``with VDiTAttention(sparsity=0.5).applied(transformer): transformer(...)``."""
         self.attach(transformer)
         try:
             yield self

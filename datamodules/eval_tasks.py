@@ -26,7 +26,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from lantern.datamodules.text import DataError, TextDataModule
+from lantern.errors import require
+from lantern.datamodules.text import DataError, TextDataModule, load_hf_dataset, read_lines
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 BUILTIN = {"commonsense": TASKS_DIR / "commonsense_mc.jsonl"}
@@ -41,19 +42,14 @@ class MCItem:
 
 def _records(location: str) -> list[dict]:
     if location.startswith("hf:"):
-        import datasets
-
         name, config, split = (location[3:].split(":") + [None, None])[:3]
-        try:
-            # validation by default: several benchmarks hide their test labels ("" or -1)
-            return list(datasets.load_dataset(name, config, split=split or "validation"))
-        except Exception as err:  # any failure means "not available here"
-            raise DataError(f"task source {location!r}: could not load ({err.__class__.__name__})") from None
+        # validation by default: several benchmarks hide their test labels ("" or -1)
+        return list(load_hf_dataset(f"task source {location!r}", name, config, split or "validation"))
     path = Path(location).expanduser()
     if not path.is_file():
         raise DataError(f"task file {location!r}: no such file")
     rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in read_lines(path):
         if line.strip():
             try:
                 rows.append(json.loads(line))
@@ -136,7 +132,7 @@ def parse_gsm8k(rows: list[dict], source: str) -> list[tuple[str, str]]:
 class EvalTasksDataModule(L.LightningDataModule):
     def __init__(
         self,
-        tokenizer: str = "smollm2-135m-instruct",
+        tokenizer: str | None = None,
         tasks: list[str] = ("text", "builtin:commonsense"),
         text_source: str = "stdlib",
         block_size: int = 128,
@@ -148,7 +144,8 @@ class EvalTasksDataModule(L.LightningDataModule):
     ):
         """
         Args:
-            tokenizer: tokenizer of the model under study (see ``lantern.models.load_tokenizer``).
+            tokenizer: tokenizer of the model under study (see ``lantern.models.load_tokenizer``); under the
+                CLI, None takes the study's model's, and a different name is an error.
             tasks: task specs (module docstring); ``text`` is held-out text from ``text_source``.
             text_source: corpus for the ``text`` task (any ``TextDataModule`` source).
             block_size: tokens per held-out text sequence.
@@ -159,10 +156,16 @@ class EvalTasksDataModule(L.LightningDataModule):
             fewshot: shots per task name (``mmlu``, ``gsm8k``, ``commonsense``, ...); absent tasks are 0-shot.
         """
         super().__init__()
+        require(len(tasks) > 0, self, "tasks", list(tasks), "at least one task")
         for spec in tasks:
             kind = spec.split(":", 1)[0]
-            if spec != "text" and not (kind == "builtin" and spec[8:] in BUILTIN) and kind not in FORMATS:
-                raise ValueError(f"data.tasks: unknown task {spec!r}; use text, builtin:{'|'.join(BUILTIN)} or one of {FORMATS} with ':PATH'")
+            known = spec == "text" or (kind == "builtin" and spec[8:] in BUILTIN) or (kind in FORMATS and ":" in spec)
+            require(known, self, "tasks", spec, f"text, builtin:{'|'.join(BUILTIN)} or one of {'|'.join(FORMATS)} with ':PATH'")
+        for name, value in (("block_size", block_size), ("text_blocks", text_blocks), ("max_length", max_length),
+                            ("batch_size", batch_size)):
+            require(value >= 1, self, name, value, "≥ 1")
+        require(max_items is None or max_items >= 1, self, "max_items", max_items, "≥ 1, or null for all")
+        require(all(v >= 0 for v in (fewshot or {}).values()), self, "fewshot", fewshot, "shots ≥ 0 per task")
         self.tokenizer_name, self.tasks = tokenizer, list(tasks)
         self.text_source, self.block_size, self.text_blocks = text_source, block_size, text_blocks
         self.max_items, self.max_length, self.batch_size = max_items, max_length, batch_size
@@ -170,6 +173,7 @@ class EvalTasksDataModule(L.LightningDataModule):
         self.loaders: list[tuple[str, str, list]] = []  # (task name, kind, items)
 
     def setup(self, stage: str | None = None) -> None:
+        require(self.tokenizer_name is not None, self, "tokenizer", None, "the tokenizer of the model under study")
         text = TextDataModule(source=self.text_source, tokenizer=self.tokenizer_name, block_size=self.block_size)
         self.tokenizer = text.tokenizer
         self.loaders = []

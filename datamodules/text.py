@@ -24,11 +24,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from lantern.models.loading import TextTokenizer, cache_root, load_tokenizer
-
-
-class DataError(ValueError):
-    """Malformed or missing input data; the message names the file, line or field."""
+from lantern.errors import DataError, require
+from lantern.models.loading import TextTokenizer, cache_root, hub_online, load_tokenizer, writable_dir
 
 
 _STDLIB_SKIP = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "turtledemo", "__pycache__"}
@@ -40,21 +37,33 @@ def stdlib_files() -> list[Path]:
     return [f for f in sorted(root.rglob("*.py")) if not _STDLIB_SKIP & set(f.relative_to(root).parts)]
 
 
+def read_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a UTF-8 text file; a binary or non-UTF-8 file fails naming the line."""
+    lineno = 0
+    try:
+        with path.open(encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                yield lineno, line
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}:{lineno + 1}: not UTF-8 text ({err.reason}); expected JSON lines") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot be read ({err.strerror})") from None
+
+
 def _read_jsonl(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict) or text_field not in record:
-                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise DataError(f"{path}:{lineno}: no field {text_field!r} (found {keys}); set data.text_field")
-            if not isinstance(record[text_field], str):
-                raise DataError(f"{path}:{lineno}: field {text_field!r} must be a string")
-            yield f"{path}:{lineno}", record[text_field]
+    for lineno, line in read_lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+        if not isinstance(record, dict) or text_field not in record:
+            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise DataError(f"{path}:{lineno}: no field {text_field!r} (found {keys}); set data.text_field")
+        if not isinstance(record[text_field], str):
+            raise DataError(f"{path}:{lineno}: field {text_field!r} must be a string")
+        yield f"{path}:{lineno}", record[text_field]
 
 
 def _read_file(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
@@ -68,6 +77,8 @@ def _read_file(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
 
 
 def _local_files(source: str) -> list[Path]:
+    if not source.strip():
+        raise DataError("data.source is empty: expected 'stdlib', a .txt/.jsonl file or directory, or 'hf:NAME'")
     path = Path(source).expanduser()
     if path.is_file():
         return [path]
@@ -86,6 +97,19 @@ def _fingerprint_files(files: list[Path]) -> str:
 def _is_val(doc_id: str, val_fraction: float) -> bool:
     bucket = int.from_bytes(hashlib.sha1(doc_id.encode()).digest()[:8], "big") / 2**64
     return bucket < val_fraction
+
+
+def load_hf_dataset(where: str, name: str, config: str | None, split: str):
+    """``datasets.load_dataset`` with one clear error; offline, it fails at once instead of retrying."""
+    import datasets
+
+    if not Path(name).expanduser().exists() and not hub_online():
+        datasets.config.HF_HUB_OFFLINE = True  # read by datasets at import time, so set here too
+    try:
+        return datasets.load_dataset(name, config, split=split)
+    except Exception as err:  # datasets raises many types; all mean "not loadable here"
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise DataError(f"{where}: could not load ({type(err).__name__}: {first})") from None
 
 
 class BlockDataset(Dataset):
@@ -159,17 +183,23 @@ class TextDataModule(L.LightningDataModule):
             seed: shuffling seed.
         """
         super().__init__()
-        if block_size < 1 or batch_size < 1:
-            raise ValueError(f"data.block_size={block_size} and data.batch_size={batch_size} must be ≥ 1")
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction={val_fraction} must lie strictly between 0 and 1")
+        require(block_size >= 1, self, "block_size", block_size, "≥ 1")
+        require(batch_size >= 1, self, "batch_size", batch_size, "≥ 1")
+        require(0.0 < val_fraction < 1.0, self, "val_fraction", val_fraction, "a number strictly between 0 and 1")
+        require(num_workers >= 0, self, "num_workers", num_workers, "≥ 0 (0 loads in the main process)")
+        require(max_documents is None or max_documents >= 1, self, "max_documents", max_documents, "≥ 1, or null for all")
+        require(bool(text_field), self, "text_field", text_field, "the name of the field holding the text")
+        require(bool(tokenizer), self, "tokenizer", tokenizer, "'byte', a model name or a tokenizer path")
         if source != "stdlib" and not source.startswith("hf:"):
             _local_files(source)  # fail at configuration time, not after the trainer started
         self.save_hyperparameters()
         self.source, self.tokenizer_name, self.block_size = source, tokenizer, block_size
         self.batch_size, self.val_fraction, self.text_field = batch_size, val_fraction, text_field
         self.hf_config, self.hf_split, self.max_documents = hf_config, hf_split, max_documents
-        self.cache_dir = Path(cache_dir) if cache_dir else cache_root() / "data"
+        self.cache_dir = (
+            writable_dir(Path(cache_dir), self, "cache_dir") if cache_dir
+            else writable_dir(cache_root() / "data", "environment", "LANTERN_CACHE")
+        )
         self.num_workers, self.seed = num_workers, seed
         self._tokenizer: TextTokenizer | None = None
         self.train_set: BlockDataset | None = None
@@ -208,13 +238,8 @@ class TextDataModule(L.LightningDataModule):
             yield doc
 
     def _hf_documents(self) -> Iterator[tuple[str, str]]:
-        import datasets
-
         name = self.source[3:]
-        try:
-            ds = datasets.load_dataset(name, self.hf_config, split=self.hf_split)
-        except Exception as err:  # datasets raises many types; all mean "not loadable here"
-            raise DataError(f"data.source {self.source!r}: could not load ({err.__class__.__name__}: {str(err).splitlines()[0]})") from None
+        ds = load_hf_dataset(f"data.source {self.source!r}", name, self.hf_config, self.hf_split)
         if self.text_field not in ds.column_names:
             raise DataError(f"data.source {self.source!r}: no field {self.text_field!r} (columns {ds.column_names}); set data.text_field")
         for i, text in enumerate(ds[self.text_field]):

@@ -1,7 +1,8 @@
 """LightningModules, one per method; importing this package registers them with the CLI."""
 
 from lantern.lightning_modules.dormant_heads import DormantHeadsStudy
-from lantern.lightning_modules.moe_pretraining import MoEPretraining, NonFiniteLossError
+from lantern.lightning_modules.moe_pretraining import MoEPretraining
+from lantern.lightning_modules.optim import AdamW
 from lantern.lightning_modules.vdit_attention import VDiTAttentionStudy
 
-__all__ = ["DormantHeadsStudy", "MoEPretraining", "NonFiniteLossError", "VDiTAttentionStudy"]
+__all__ = ["AdamW", "DormantHeadsStudy", "MoEPretraining", "VDiTAttentionStudy"]

@@ -14,19 +14,17 @@ under any attention backend; only scoring switches to eager attention.
 
 from __future__ import annotations
 
-import csv
-import json
 from collections import defaultdict
-from pathlib import Path
 from typing import Literal
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 
+from lantern import reporting
 from lantern.callbacks.head_ablation import HeadAblation
-from lantern.callbacks.sinks import SinkMeasurement, log_heatmap
-from lantern.models import get_adapter, load_model
+from lantern.callbacks.sinks import SinkMeasurement
+from lantern.errors import require
+from lantern.models import CompletionLogprobs, get_adapter, load_model, multiple_choice, position_ids
 
 Definition = Literal["output_norm", "attention_weight", "random"]
 
@@ -35,13 +33,9 @@ Definition = Literal["output_norm", "attention_weight", "random"]
 def head_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-input dormancy scores, [B, L, H]: ``attention_weight`` (high = dormant), ``output_norm`` r_h (low = dormant)."""
     with SinkMeasurement().applied(model) as sinks:
-        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask))
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
     scores = sinks.last_scores()
     return {"attention_weight": scores["sink_mass"], "output_norm": scores["output_norm_ratio"]}
-
-
-def positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def most_dormant(scores: torch.Tensor, k: int, higher_is_dormant: bool) -> torch.Tensor:
@@ -74,20 +68,17 @@ class DormantHeadsStudy(L.LightningModule):
             seed: seed of the random-heads control.
         """
         super().__init__()
-        bad = [f for f in fractions if not 0 <= f < 1]
-        if bad:
-            raise ValueError(f"model.fractions: {bad[0]} must lie in [0, 1)")
-        unknown = [d for d in definitions if d not in ("output_norm", "attention_weight", "random")]
-        if unknown:
-            raise ValueError(f"model.definitions: unknown definition {unknown[0]!r}")
+        require(all(0 <= f < 1 for f in fractions), self, "fractions", list(fractions), "shares in [0, 1)")
+        require(set(definitions) <= {"output_norm", "attention_weight", "random"}, self, "definitions", list(definitions),
+                "a list of output_norm, attention_weight, random")
         self.save_hyperparameters()
+        self.tokenizer_name = model_name  # the evaluation data encodes with the model's own tokenizer
         self.model = load_model(model_name, seed=seed)
         for p in self.model.parameters():
             p.requires_grad_(False)
         adapter = get_adapter(self.model)
         self.n_layers, self.n_heads = adapter.num_layers(self.model), adapter.num_heads(self.model)
-        self.ablation = HeadAblation()
-        self.ablation.attach(self.model)
+        self.ablation = HeadAblation()  # hooked only while a validation step sweeps, so the model stays plain
         self._reset()
 
     def _reset(self) -> None:
@@ -118,15 +109,17 @@ class DormantHeadsStudy(L.LightningModule):
         scores["random"] = draw.to(ids.device)[group]
         self._record_dormancy(scores)
         total = self.n_layers * self.n_heads
-        for definition, fraction in self._configs():
-            k = round(fraction * total)
-            mask = None if definition == "none" else most_dormant(scores[definition], k, definition == "attention_weight")
-            self.ablation.set_mask(mask)
-            with torch.no_grad():
-                logits = self.model(input_ids=ids, attention_mask=attn, position_ids=positions(attn)).logits.float()
-            self.ablation.set_mask(None)
-            for d in ([definition] if definition != "none" else self.hparams.definitions):
-                self._score(batch, logits, d, fraction)
+        with self.ablation.applied(self.model):
+            try:
+                for definition, fraction in self._configs():
+                    k = round(fraction * total)
+                    higher = definition == "attention_weight"
+                    self.ablation.set_mask(None if definition == "none" else most_dormant(scores[definition], k, higher))
+                    with torch.no_grad():
+                        logits = self.model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn)).logits
+                    self._score(batch, logits, [definition] if definition != "none" else self.hparams.definitions, fraction)
+            finally:
+                self.ablation.set_mask(None)  # a per-batch mask must not outlive its batch
 
     def _record_dormancy(self, scores: dict[str, torch.Tensor]) -> None:
         hp = self.hparams
@@ -136,24 +129,19 @@ class DormantHeadsStudy(L.LightningModule):
             self.dormant_share[name][1] += dormant.shape[0]
             self.score_sums[name] = self.score_sums[name] + scores[name].sum(0).cpu()
 
-    def _score(self, batch: dict, logits: torch.Tensor, definition: str, fraction: float) -> None:
-        logp = logits[:, :-1].log_softmax(-1)
-        targets = batch["input_ids"][:, 1:]
-        token_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [N, S-1]
-        tmask = batch["target_mask"][:, 1:].float()
-        t = self.tally[(batch["task"], definition, fraction)]
+    def _score(self, batch: dict, logits: torch.Tensor, definitions: list[str], fraction: float) -> None:
+        scored = CompletionLogprobs.from_logits(logits, batch["input_ids"], batch["target_mask"])
         if batch["kind"] == "lm":
-            hits = (logp.argmax(-1) == targets).float() * tmask
-            t[0] += hits.sum().item()
-            t[1] += tmask.sum().item()
-            t[2] += -(token_logp * tmask).sum().item()
+            hits = (logits[:, :-1].argmax(-1) == batch["input_ids"][:, 1:]) & scored.mask
+            correct, count, loss = hits.sum().item(), scored.count.sum().item(), -scored.sum.sum().item()
         else:
-            per_choice = (token_logp * tmask).sum(-1)
-            n_items = batch["answer"].numel()
-            pred = per_choice.view(n_items, -1).argmax(-1)
-            t[0] += (pred == batch["answer"]).sum().item()
-            t[1] += n_items
-            t[2] += F.cross_entropy(per_choice.view(n_items, -1), batch["answer"], reduction="sum").item()
+            mc = multiple_choice(scored.sum, batch["item_index"], batch["answer"])
+            correct, count, loss = (mc.prediction == batch["answer"]).sum().item(), batch["answer"].numel(), mc.loss.sum().item()
+        for definition in definitions:
+            t = self.tally[(batch["task"], definition, fraction)]
+            t[0] += correct
+            t[1] += count
+            t[2] += loss
 
     def on_validation_epoch_end(self) -> None:
         rows = []
@@ -166,34 +154,22 @@ class DormantHeadsStudy(L.LightningModule):
         share = {k: v[0] / max(v[1], 1) for k, v in self.dormant_share.items()}
         for k, v in share.items():
             self.log(f"dormant/share_dormant/{k}", v)
-        if not self.trainer.is_global_zero or self.trainer.sanity_checking:
-            return
-        self._write(rows, share)
+        if not self.trainer.sanity_checking:
+            self._write(rows, share)
 
     def _write(self, rows: list[dict], share: dict[str, float]) -> None:
-        figure = plot_sweep(rows)
-        out = Path(self.trainer.log_dir or ".")
-        out.mkdir(parents=True, exist_ok=True)
-        with (out / "dormant_heads.csv").open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        (out / "dormant_heads.md").write_text(markdown_table(rows))
-        (out / "dormant_heads.json").write_text(json.dumps({"sweep": rows, "share_dormant_at_tau": share}, indent=1))
-        figure.savefig(out / "dormant_heads.png", dpi=120, bbox_inches="tight")
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        for logger in self.trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_figure("dormant/accuracy_vs_heads_zeroed", figure, self.global_step)
-                logger.experiment.add_text("dormant/table", markdown_table(rows), self.global_step)
+        trainer = self.trainer
+        wide = reporting.pivot(rows, ["task", "definition"], "percent_zeroed", "accuracy", label="{}%")
+        reporting.write_table(trainer, rows, "dormant_heads", "dormant/table", markdown=reporting.markdown_table(wide),
+                              payload={"sweep": rows, "share_dormant_at_tau": share})
+        sweep = reporting.line_plot(rows, "percent_zeroed", "accuracy", line="definition", panel="task",
+                                    xlabel="% heads zeroed")
+        reporting.write_figure(trainer, sweep, "dormant/accuracy_vs_heads_zeroed", "dormant_heads")
         n = max(v[1] for v in self.dormant_share.values())
-        for name in ("attention_weight", "output_norm"):
-            log_heatmap(self.trainer, f"dormant/mean_score/{name}", self.score_sums[name] / n, self.global_step,
-                        f"mean {name} score")
-        import matplotlib.pyplot as plt
-
-        plt.close(figure)
+        # r_h averages 1 over a layer's heads, so its scale reaches 2 where attention mass stops at 1
+        for name, vmax in (("attention_weight", 1.0), ("output_norm", 2.0)):
+            figure = reporting.heatmap(self.score_sums[name] / n, f"mean {name} score", vmin=0, vmax=vmax)
+            reporting.write_figure(trainer, figure, f"dormant/mean_score/{name}")
 
 
 def _per_item(scores: torch.Tensor, item_index: torch.Tensor) -> torch.Tensor:
@@ -202,37 +178,3 @@ def _per_item(scores: torch.Tensor, item_index: torch.Tensor) -> torch.Tensor:
     sums = torch.zeros(n_items, *scores.shape[1:], device=scores.device).index_add_(0, item_index, scores)
     counts = torch.bincount(item_index, minlength=n_items).view(-1, *([1] * (scores.dim() - 1)))
     return (sums / counts)[item_index]
-
-
-def markdown_table(rows: list[dict]) -> str:
-    tasks = sorted({r["task"] for r in rows})
-    defs = sorted({r["definition"] for r in rows})
-    pcts = sorted({r["percent_zeroed"] for r in rows})
-    lookup = {(r["task"], r["definition"], r["percent_zeroed"]): r["accuracy"] for r in rows}
-    lines = ["| task | definition | " + " | ".join(f"{p}%" for p in pcts) + " |", "|---|---|" + "---|" * len(pcts)]
-    for task in tasks:
-        for d in defs:
-            cells = [f"{lookup[(task, d, p)]:.3f}" if (task, d, p) in lookup else "" for p in pcts]
-            lines.append(f"| {task} | {d} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def plot_sweep(rows: list[dict]):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = sorted({r["task"] for r in rows})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.5), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        for d in sorted({r["definition"] for r in rows if r["task"] == task}):
-            pts = sorted((r["percent_zeroed"], r["accuracy"]) for r in rows if r["task"] == task and r["definition"] == d)
-            ax.plot(*zip(*pts), marker="o", label=d)
-        ax.set_title(task)
-        ax.set_xlabel("% heads zeroed")
-        ax.set_ylabel("accuracy")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    return fig

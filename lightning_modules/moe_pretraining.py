@@ -3,13 +3,12 @@
 Default MoE: Panda et al., "Dense Backpropagation Improves Training for Sparse
 Mixture-of-Experts", arXiv 2504.12463. The routing itself lives in ``lantern.models.moe``; this
 module adds the objective (next-token cross-entropy + α·load-balancing + optional z-loss),
-AdamW with linear warm-up and cosine decay, and the logs a researcher compares the two
+AdamW with linear warm-up and cosine decay (``lightning_modules.optim``), and the logs a researcher compares the two
 routers by: losses, perplexity, tokens/s, per-expert load and router gradient density.
 """
 
 from __future__ import annotations
 
-import math
 import time
 
 import lightning as L
@@ -18,22 +17,16 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 from torchmetrics import MeanMetric
 
+from lantern.errors import ConfigError, require
+from lantern.lightning_modules.optim import AdamW, total_steps
 from lantern.models.moe import MoETransformer
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; training stops, checkpoints stay as they were."""
 
 
 class MoEPretraining(L.LightningModule):
     def __init__(
         self,
         model: MoETransformer,
-        lr: float = 1e-3,
-        weight_decay: float = 0.1,
-        betas: tuple[float, float] = (0.9, 0.95),
-        warmup_steps: int = 100,
-        min_lr_ratio: float = 0.1,
+        optim: AdamW = AdamW(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), warmup_steps=100, min_lr_ratio=0.1),
         aux_loss_coef: float = 0.01,
         z_loss_coef: float = 0.0,
         log_expert_load_every_n_steps: int = 50,
@@ -41,23 +34,19 @@ class MoEPretraining(L.LightningModule):
         """
         Args:
             model: the MoE transformer to train.
-            lr: peak AdamW learning rate.
-            weight_decay: AdamW weight decay on matrices (not on norms).
-            betas: AdamW betas.
-            warmup_steps: linear warm-up steps.
-            min_lr_ratio: the cosine decays to ``lr·min_lr_ratio`` at ``trainer.max_steps``.
+            optim: AdamW, warm-up and cosine decay to ``lr·min_lr_ratio`` at ``trainer.max_steps``
+                (the paper's: (0.9, 0.95), weight decay 0.1, 1% warm-up, decay to lr/10).
             aux_loss_coef: α of the load-balancing loss α·E·Σ f_i·P_i.
             z_loss_coef: weight of the router z-loss (0 disables it, the paper's setting).
             log_expert_load_every_n_steps: how often the per-expert load histogram is written.
         """
         super().__init__()
-        if not lr > 0:
-            raise ValueError(f"model.lr={lr} must be > 0")
-        if weight_decay < 0 or aux_loss_coef < 0 or z_loss_coef < 0:
-            raise ValueError("model.weight_decay, model.aux_loss_coef and model.z_loss_coef must be ≥ 0")
-        if warmup_steps < 0 or not 0 <= min_lr_ratio <= 1:
-            raise ValueError(f"model.warmup_steps={warmup_steps} must be ≥ 0 and model.min_lr_ratio={min_lr_ratio} in [0, 1]")
-        self.save_hyperparameters(ignore=["model"])
+        require(aux_loss_coef >= 0, self, "aux_loss_coef", aux_loss_coef, "≥ 0")
+        require(z_loss_coef >= 0, self, "z_loss_coef", z_loss_coef, "≥ 0")
+        require(log_expert_load_every_n_steps >= 0, self, "log_expert_load_every_n_steps", log_expert_load_every_n_steps, "≥ 0 (0: never)")
+        self.save_hyperparameters(ignore=["model", "optim"])
+        self.hparams["optim"] = optim.as_dict()
+        self.optim = optim
         self.model = model
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self._load = torch.zeros(model.n_layers, model.n_experts, dtype=torch.long)
@@ -65,15 +54,18 @@ class MoEPretraining(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None:
+            self.check_datamodule(dm)
+
+    def check_datamodule(self, dm) -> None:
+        """The data must fit the model: its vocabulary and its block length."""
         data_vocab = getattr(dm, "vocab_size", None)
         if data_vocab is not None and data_vocab > self.model.vocab_size:
-            raise ValueError(
-                f"model.model.init_args.vocab_size={self.model.vocab_size} is smaller than the tokenizer's "
-                f"{data_vocab} (data.tokenizer={dm.tokenizer_name!r}); set it to at least {data_vocab}"
-            )
+            raise ConfigError(self.model, "vocab_size", self.model.vocab_size,
+                              f"≥ {data_vocab}, the vocabulary of data.tokenizer={dm.tokenizer_name!r}")
         block = getattr(dm, "block_size", None)
         if block is not None and block > self.model.max_seq_len:
-            raise ValueError(f"data.block_size={block} exceeds model.model.init_args.max_seq_len={self.model.max_seq_len}")
+            raise ConfigError(dm, "block_size", block, f"≤ the model's max_seq_len={self.model.max_seq_len}")
 
     def _lm_loss(self, batch: dict[str, torch.Tensor]):
         out = self.model(batch["input_ids"])
@@ -84,12 +76,6 @@ class MoEPretraining(L.LightningModule):
         lm, out = self._lm_loss(batch)
         hp = self.hparams
         loss = lm + hp.aux_loss_coef * out.aux_loss + hp.z_loss_coef * out.z_loss
-        if not torch.isfinite(loss):
-            ckpt = getattr(self.trainer.checkpoint_callback, "dirpath", None)
-            raise NonFiniteLossError(
-                f"train/loss is {loss.item()} at step {self.global_step}; training stopped"
-                + (f", the last good checkpoint is in {ckpt}" if ckpt else "")
-            )
         self.log("train/loss", lm, prog_bar=True)
         self.log_dict({"train/aux_loss": out.aux_loss, "train/z_loss": out.z_loss, "train/total_loss": loss})
         counts = out.expert_counts.detach().cpu()
@@ -146,26 +132,7 @@ class MoEPretraining(L.LightningModule):
         metric.reset()
 
     def configure_optimizers(self):
-        hp = self.hparams
-        decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim >= 2]
-        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim < 2]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=hp.lr, betas=tuple(hp.betas),
-        )
-        total = self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
-
-def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """LR multiplier: linear warm-up to 1, then cosine to ``min_ratio`` at ``total``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return self.optim.configure(self.model, total_steps(self.trainer))
 
 
 def _log_expert_load(logger: TensorBoardLogger, load: torch.Tensor, step: int) -> None:

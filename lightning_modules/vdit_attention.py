@@ -17,18 +17,16 @@ to halve the cost: the maps of interest are those of the prompted generation.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import json
 import math
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 
+from lantern import reporting
 from lantern.callbacks.vdit_attention import VDiTAttention, structure_similarity
 
 # The tiny random CogVideoX of diffusers' own model tests, with 3 layers (so a transfer layer has
@@ -232,7 +230,7 @@ class VDiTAttentionStudy(L.LightningModule):
                              seed=hp.seed, chunk_size=hp.chunk_size, map_dtype=hp.map_dtype, **kwargs)
 
     def _run(self, embeds: torch.Tensor, control: VDiTAttention) -> torch.Tensor:
-        with control.installed(self.transformer):
+        with control.applied(self.transformer):
             return self.generate(embeds)
 
     # ---------------------------------------------------------------- the study
@@ -305,21 +303,8 @@ class VDiTAttentionStudy(L.LightningModule):
         summary = summarize(self._pairs, self.hparams)
         self._pairs = []
         self.log_dict({k: v for k, v in summary["scalars"].items()}, sync_dist=False, rank_zero_only=True)
-        self._write(summary, Path(self.trainer.log_dir or self.trainer.default_root_dir))
-        if isinstance(self.logger, TensorBoardLogger):
-            _log_figures(self.logger, summary, self.global_step)
-
-    @rank_zero_only
-    def _write(self, summary: dict, out: Path) -> None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "vdit_attention.json").write_text(json.dumps(summary, indent=1))
-        rows = summary["table"]
-        with open(out / "vdit_attention.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        (out / "vdit_attention.md").write_text(_markdown(rows))
-        self.summary_dir = out
+        reporting.write_table(self.trainer, summary["table"], "vdit_attention", "vdit/table", payload=summary)
+        _write_figures(self.trainer, summary)
 
 
 def summarize(pairs: list[dict], hp) -> dict:
@@ -375,23 +360,8 @@ def summarize(pairs: list[dict], hp) -> dict:
     }
 
 
-def _markdown(rows: list[dict]) -> str:
-    head = list(rows[0])
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for r in rows:
-        lines.append("| " + " | ".join(str(r[h]) if h == "layer" else f"{r[h]:.4g}" for h in head) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _log_figures(logger: TensorBoardLogger, summary: dict, step: int) -> None:
+def _write_figures(trainer: L.Trainer, summary: dict) -> None:
     """Layer × head heatmaps (sink mass, similarity, top-10%-key mass) and a layer × k error map."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # figures are optional; scalars and files carry the same numbers
-        return
     per_head = summary["per_head"]
     profile = torch.tensor(per_head["sparsity_profile"])
     top_p = per_head["top_p"]
@@ -400,21 +370,8 @@ def _log_figures(logger: TensorBoardLogger, summary: dict, step: int) -> None:
             "vdit/heatmap/similarity": torch.tensor(per_head["similarity"]),
             f"vdit/heatmap/top{top_p[i10] * 100:g}pct_mass": profile[..., i10]}
     for tag, grid in maps.items():
-        logger.experiment.add_figure(tag, _heatmap(plt, grid, "head", tag.rsplit("/", 1)[-1]), global_step=step)
+        reporting.write_figure(trainer, reporting.heatmap(grid, tag.rsplit("/", 1)[-1]), tag)
     ks = list(summary["per_k"])
     grid = torch.tensor([summary["per_k"][k]["local_error"] for k in ks]).T  # [L, K]
-    fig = _heatmap(plt, grid, "k", "relative output error", xticks=ks)
-    logger.experiment.add_figure("vdit/heatmap/sparsify_error", fig, global_step=step)
-
-
-def _heatmap(plt, grid: torch.Tensor, xlabel: str, title: str, xticks=None):
-    fig, ax = plt.subplots(figsize=(1 + 0.5 * grid.shape[1], 1 + 0.3 * grid.shape[0]), dpi=100)
-    im = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("layer")
-    ax.set_title(title, fontsize=8)
-    if xticks is not None:
-        ax.set_xticks(range(len(xticks)), xticks)
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    return fig
+    reporting.write_figure(trainer, reporting.heatmap(grid, "relative output error", xlabel="k", xticks=ks),
+                           "vdit/heatmap/sparsify_error")

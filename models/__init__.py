@@ -3,8 +3,12 @@
 from lantern.models.adapters import ArchAdapter, UnsupportedArchitecture, get_adapter
 from lantern.models.loading import DEFAULT_MODEL, ByteTokenizer, ModelLoadError, load_model, load_tokenizer
 from lantern.models.moe import MoEFeedForward, MoETransformer
+from lantern.models.scoring import (
+    CompletionLogprobs, MultipleChoice, completion_logprobs, multiple_choice, position_ids, token_logprobs,
+)
 
 __all__ = [
     "ArchAdapter", "ByteTokenizer", "DEFAULT_MODEL", "ModelLoadError", "MoEFeedForward", "MoETransformer",
     "UnsupportedArchitecture", "get_adapter", "load_model", "load_tokenizer",
+    "CompletionLogprobs", "MultipleChoice", "completion_logprobs", "multiple_choice", "position_ids", "token_logprobs",
 ]

@@ -10,9 +10,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from lantern.errors import LanternError
 
-class UnsupportedArchitecture(ValueError):
-    pass
+
+class UnsupportedArchitecture(LanternError, ValueError):
+    """No adapter for this model family; the message lists the supported ones."""
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,12 @@ share the byte-level tokenizer.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +21,7 @@ from typing import Protocol, Sequence
 
 import torch
 
-
-class ModelLoadError(RuntimeError):
-    """A model or tokenizer could not be loaded; the message says what to do."""
+from lantern.errors import ConfigError, ModelLoadError
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,25 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 def cache_root() -> Path:
     return Path(os.environ.get("LANTERN_CACHE", Path.home() / ".cache" / "lantern"))
+
+
+def writable_dir(path: Path, owner, field: str, create: bool = True) -> Path:
+    """``path``, created if asked; a folder that cannot be written fails now, naming the setting."""
+    path = Path(path).expanduser()
+    try:
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=path):
+                pass
+        else:  # the nearest existing folder must let us create the rest later
+            existing = next(p for p in (path, *path.parents) if p.exists())
+            if not existing.is_dir():
+                raise NotADirectoryError(20, f"{existing} is a file")
+            if not os.access(existing, os.W_OK | os.X_OK):
+                raise PermissionError(13, "Permission denied")
+    except OSError as err:
+        raise ConfigError(owner, field, str(path), f"a folder that can be written ({err.strerror})") from None
+    return path
 
 
 # ----------------------------------------------------------------------------- tokenizers
@@ -168,17 +187,39 @@ def _from_pretrained(auto_cls, source, name: str, local_files_only: bool | None 
     if looks_local and not path.is_dir():
         raise ModelLoadError(f"model path {str(source)!r} is not a directory (expected a saved Hugging Face model)")
     if local_files_only is None:
-        local_files_only = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        local_files_only = looks_local or not hub_online()
     try:
         return auto_cls.from_pretrained(str(path) if looks_local else source, local_files_only=local_files_only, **kwargs)
-    except (OSError, ValueError) as err:
+    except Exception as err:  # transformers raises OSError, ValueError, TypeError, … for a folder it cannot use
         if looks_local:
-            raise ModelLoadError(f"could not load {name!r} from {path}: {str(err).splitlines()[0]}") from err
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ModelLoadError(f"could not load {name!r} from {path} (expected a saved Hugging Face model or tokenizer): {first}") from err
         raise ModelLoadError(
             f"could not load {name!r}: not a local directory, and the Hugging Face hub has no cached copy "
             f"and could not be reached ({err.__class__.__name__}). Download it where there is network "
             f"(`hf download {name} --local-dir DIR`) and pass DIR, or use the embedded {DEFAULT_MODEL!r}."
         ) from err
+
+
+@functools.cache
+def hub_online() -> bool:
+    """Whether the Hugging Face hub can be reached; offline, loads use the local cache at once.
+
+    ``HF_HUB_OFFLINE=1`` says no without asking; otherwise one TCP connection, 3 s at most,
+    instead of the libraries' minute of retries. Offline, it turns the hub's offline switch on.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+        return True
+    except OSError:
+        import huggingface_hub.constants
+
+        # Some lookups (adapter configs, datasets) ignore local_files_only; the switch holds for all.
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
+        return False
 
 
 def embedded_gguf(name: str) -> Path:
@@ -201,13 +242,13 @@ def _embedded_cache(name: str) -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    writable_dir(target.parent, "environment", "LANTERN_CACHE")
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The weights are plain float32 now; a stale quantization_config would make reloads re-quantise.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
     try:
         model.save_pretrained(tmp, safe_serialization=True)

@@ -29,6 +29,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from lantern.errors import ConfigError, require
+
 RouterMode = Literal["topk", "default"]
 EmaWeighting = Literal["mean", "scored"]
 
@@ -79,15 +81,14 @@ class MoEFeedForward(nn.Module):
         out_std: float = 0.02,
     ):
         super().__init__()
-        if not 1 <= top_k <= n_experts:
-            raise ValueError(f"top_k={top_k} must be between 1 and n_experts={n_experts}")
-        if router_mode not in ("topk", "default"):
-            raise ValueError(f"router_mode={router_mode!r} must be 'topk' or 'default'")
-        if not 0.0 <= ema_beta <= 1.0:
-            raise ValueError(f"ema_beta={ema_beta} must lie in [0, 1]")
+        owner = "MoETransformer"  # the class a recipe configures; this layer is built inside it
+        require(n_experts >= 1, owner, "n_experts", n_experts, "≥ 1")
+        require(1 <= top_k <= n_experts, owner, "top_k", top_k, f"between 1 and n_experts={n_experts}")
+        require(d_expert >= 1, owner, "d_expert", d_expert, "≥ 1 (the hidden width of each expert)")
+        require(router_mode in ("topk", "default"), owner, "router_mode", router_mode, "'topk' or 'default'")
+        require(0.0 <= ema_beta <= 1.0, owner, "ema_beta", ema_beta, "a number in [0, 1]")
+        require(ema_weighting in ("mean", "scored"), owner, "ema_weighting", ema_weighting, "'mean' or 'scored'")
         self.n_experts, self.top_k = n_experts, top_k
-        if ema_weighting not in ("mean", "scored"):
-            raise ValueError(f"ema_weighting={ema_weighting!r} must be 'mean' or 'scored'")
         self.router_mode, self.ema_beta, self.renormalize = router_mode, ema_beta, renormalize
         self.ema_weighting = ema_weighting
         self.router = nn.Linear(d_model, n_experts, bias=False)
@@ -284,10 +285,12 @@ class MoETransformer(nn.Module):
             init_std: std of the normal initialisation (output projections scaled by 1/√(2L)).
         """
         super().__init__()
-        if d_model % n_heads:
-            raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
-        if (d_model // n_heads) % 2:
-            raise ValueError(f"head_dim={d_model // n_heads} must be even for RoPE")
+        for name, value in (("vocab_size", vocab_size), ("n_layers", n_layers), ("n_heads", n_heads), ("max_seq_len", max_seq_len)):
+            require(value >= 1, self, name, value, "≥ 1")
+        require(d_model >= 1 and d_model % n_heads == 0 and (d_model // n_heads) % 2 == 0, self, "d_model", d_model,
+                f"a positive multiple of n_heads={n_heads} whose head width d_model/n_heads is even (RoPE)")
+        require(rope_base > 0, self, "rope_base", rope_base, "> 0")
+        require(init_std > 0, self, "init_std", init_std, "> 0")
         self.vocab_size, self.max_seq_len, self.rope_base = vocab_size, max_seq_len, rope_base
         self.n_layers, self.n_experts = n_layers, n_experts
         out_std = init_std / math.sqrt(2 * n_layers)
@@ -318,8 +321,7 @@ class MoETransformer(nn.Module):
 
     def set_attn_implementation(self, name: str) -> None:
         """``eager`` exposes attention weights at ``blocks.{l}.attn.attn_probs``; ``sdpa`` is faster."""
-        if name not in ("eager", "sdpa"):
-            raise ValueError(f"attn_implementation={name!r} must be 'eager' or 'sdpa'")
+        require(name in ("eager", "sdpa"), self, "attn_implementation", name, "'eager' or 'sdpa'")
         for block in self.blocks:
             block.attn.eager = name == "eager"
 
@@ -330,7 +332,7 @@ class MoETransformer(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> MoEOutput:
         B, S = input_ids.shape
         if S > self.max_seq_len:
-            raise ValueError(f"sequence length {S} exceeds max_seq_len={self.max_seq_len}")
+            raise ConfigError(self, "max_seq_len", self.max_seq_len, f"≥ the sequence length {S} it was given")
         cos, sin = _rope(S, self.blocks[0].attn.head_dim, self.rope_base, input_ids.device)
         x = self.embed(input_ids)
         aux, z, counts = [], [], []

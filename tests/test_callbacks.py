@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from lantern.callbacks import HeadAblation
+from lantern.errors import ConfigError, DataError
 from lantern.models import MoETransformer, get_adapter, load_model
 
 
@@ -46,7 +47,7 @@ def test_ablation_on_the_moe_transformer_and_range_errors():
         with HeadAblation([(0, 0), (1, 3)]).applied(model):
             assert not torch.equal(model(ids).logits, base)
     hooks_before = len(model._forward_pre_hooks)
-    with pytest.raises(ValueError, match=r"head \(2, 0\) out of range: the model has 2 layers × 4 heads"):
+    with pytest.raises(ConfigError, match=r"HeadAblation.heads=\[\[2, 0\]\]: expected \(layer, head\) pairs within 2 layers × 4 heads"):
         HeadAblation([(2, 0)]).attach(model)
     assert len(model._forward_pre_hooks) == hooks_before  # a rejected argument leaves no hook behind
 
@@ -146,14 +147,50 @@ def test_name_filter_and_disk_shards(tmp_path):
         torch.testing.assert_close(joined[k], v, rtol=0, atol=0)
 
 
-def test_bad_callback_arguments_fail_with_one_line():
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: ActivationCache(sites=["resid_mid"]), "ActivationCache.sites=['resid_mid']: expected a non-empty list"),
+        (lambda: ActivationCache(sites=[]), "ActivationCache.sites=[]: expected a non-empty list"),
+        (lambda: ActivationCache(names="blocks.(1"), "ActivationCache.names='blocks.(1': expected a regular expression (missing )"),
+        (lambda: ActivationCache(positions="first"), "ActivationCache.positions='first': expected 'all', 'last' or 'mean'"),
+        (lambda: ActivationCache(batches_per_shard=0), "ActivationCache.batches_per_shard=0: expected an integer ≥ 1"),
+        (lambda: HeadAblation([(0, 0)], mode="half"), "HeadAblation.mode='half': expected 'zero' or 'mean'"),
+        (lambda: HeadAblation([(0, 0, 1)]), "HeadAblation.heads=[[0, 0, 1]]: expected a list of (layer, head) pairs"),
+        (lambda: SinkMeasurement(top_k=0), "SinkMeasurement.top_k=0: expected an integer ≥ 1"),
+    ],
+)
+def test_bad_callback_arguments_raise_a_config_error_naming_the_field(build, message):
+    with pytest.raises(ConfigError) as err:
+        build()
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: ActivationCache(layers=[5]), "ActivationCache.layers=[5]: expected a non-empty list of layer indices in [0, 2)"),
+        (lambda: ActivationCache(layers=[]), "ActivationCache.layers=[]: expected a non-empty list"),
+        (lambda: ActivationCache(names="^blocks.9"), "ActivationCache.names='^blocks.9': expected a pattern matching"),
+        (lambda: HeadAblation([(0, 4)]), "HeadAblation.heads=[[0, 4]]: expected (layer, head) pairs within 2 layers × 4 heads"),
+        (lambda: HeadAblation([(-1, 0)]), "HeadAblation.heads=[[-1, 0]]: expected (layer, head) pairs"),
+    ],
+)
+def test_arguments_checked_against_the_model_fail_on_attach_and_leave_no_hook(build, message):
     model = load_model("tiny-llama", seed=0)
-    with pytest.raises(ValueError, match="unknown site 'resid_mid'"):
-        ActivationCache(sites=["resid_mid"])
-    with pytest.raises(ValueError, match="layer 5 out of range: the model has 2 layers"):
-        ActivationCache(layers=[5]).attach(model)
-    with pytest.raises(ValueError, match="mode='half'"):
-        HeadAblation([(0, 0)], mode="half")
+    callback = build()
+    with pytest.raises(ConfigError) as err:
+        callback.attach(model)
+    assert str(err.value).startswith(message)
+    assert not callback._handles and not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+
+
+def test_top_k_beyond_the_keys_is_rejected_when_measured():
+    model = load_model("tiny-llama", seed=0)
+    with pytest.raises(ConfigError, match=r"SinkMeasurement.top_k=5: expected at most the 4 key positions"):
+        with torch.no_grad(), SinkMeasurement(top_k=5).applied(model):
+            model(torch.randint(0, 256, (1, 4)))
+    assert model.config._attn_implementation == "sdpa"
 
 
 # ----------------------------------------------------------------------------- HeadAblation modes
@@ -265,6 +302,7 @@ def test_sinks_are_measured_during_moe_pretraining(corpus, tmp_path):
 
     from lantern.datamodules import TextDataModule
     from lantern.lightning_modules import MoEPretraining
+    from lantern.lightning_modules.optim import AdamW
 
     torch.manual_seed(0)
     net = MoETransformer(d_model=32, n_layers=2, n_heads=4, n_experts=4, d_expert=32, max_seq_len=32)
@@ -272,7 +310,7 @@ def test_sinks_are_measured_during_moe_pretraining(corpus, tmp_path):
     trainer = L.Trainer(accelerator="cpu", max_steps=4, val_check_interval=2, limit_val_batches=2, enable_progress_bar=False,
                         logger=TensorBoardLogger(tmp_path, name="run"), callbacks=[SinkMeasurement()],
                         enable_checkpointing=False, num_sanity_val_steps=0)
-    trainer.fit(MoEPretraining(net, warmup_steps=1), data)
+    trainer.fit(MoEPretraining(net, optim=AdamW(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), warmup_steps=1)), data)
     records = json.loads((tmp_path / "run" / "version_0" / "sinks.json").read_text())
     assert [r["step"] for r in records] == [2, 4]
     assert len(records[0]["sink_mass"]) == 2 and len(records[0]["sink_mass"][0]) == 4
@@ -280,3 +318,143 @@ def test_sinks_are_measured_during_moe_pretraining(corpus, tmp_path):
     assert 0 <= trainer.callback_metrics["attn/dormant_share/L1"] <= 1
     torch.testing.assert_close(torch.tensor(records[1]["output_norm_ratio"]).mean(-1), torch.ones(2))
     assert net.attn_implementation == "sdpa"
+
+
+# ----------------------------------------------------------------------------- KV-cached generate
+def _prompts():
+    """Prompts of lengths 5 and 9, left-padded to 9 as ``generate`` expects."""
+    torch.manual_seed(3)
+    ids = torch.randint(0, 256, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    ids[0, :4], mask[0, :4] = 256, 0
+    return ids, mask
+
+
+def _positions(mask):
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _generate(model, ids, mask, steps=6):
+    """Cached greedy decoding: the final sequences and each step's logits [B, steps, V]."""
+    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=steps, use_cache=True,
+                         output_logits=True, return_dict_in_generate=True)
+    return out.sequences, torch.stack(out.logits, 1)
+
+
+def _greedy_uncached(model, ids, mask, steps=6):
+    """Greedy decoding by full-sequence forwards, with the masks and positions ``generate`` passes."""
+    logits = []
+    for _ in range(steps):
+        logits.append(model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask)).logits[:, -1])
+        token = logits[-1].argmax(-1, keepdim=True)
+        ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
+    return ids, torch.stack(logits, 1)
+
+
+def _fed(sequences, mask):
+    """What ``generate`` fed the model in all: every token but the last generated one, and its mask."""
+    fed = sequences[:, :-1]
+    return fed, torch.cat([mask, torch.ones(mask.shape[0], fed.shape[1] - mask.shape[1], dtype=mask.dtype)], 1)
+
+
+@pytest.mark.parametrize("mode", ["zero", "mean"])
+def test_ablation_under_cached_generate_equals_uncached_greedy_decoding(mode):
+    model = load_model("tiny-llama", seed=0, dtype=torch.float64)
+    with torch.no_grad():
+        for layer in range(2):  # louder heads, so that ablating three of them changes which tokens win
+            get_adapter(model).out_proj(model, layer).weight.mul_(20)
+        ids, mask = _prompts()
+        plain, _ = _generate(model, ids, mask)
+        with HeadAblation([(0, 1), (1, 2), (1, 3)], mode=mode).applied(model):
+            cached, cached_logits = _generate(model, ids, mask)
+            again, _ = _generate(model, ids, mask)  # a new prompt restarts the running mean
+            full, full_logits = _greedy_uncached(model, ids, mask)
+    assert torch.equal(cached, full) and torch.equal(again, cached)
+    torch.testing.assert_close(cached_logits, full_logits.float())  # generate hands back float32 logits
+    assert not torch.equal(cached[:, 9:], plain[:, 9:])  # the ablation acted on the generated tokens
+
+
+def test_a_cached_continuation_the_mean_ablation_did_not_see_raises():
+    model = load_model("tiny-llama", seed=0)
+    ids, mask = _prompts()
+    longer = torch.cat([mask, mask[:, -1:]], 1)
+    with torch.no_grad():
+        cache = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True).cache
+        with HeadAblation([(1, 2)], mode="mean").applied(model):
+            with pytest.raises(DataError, match="running mean at layer 1 was not tracked"):
+                model(input_ids=ids[:, -1:], attention_mask=longer, position_ids=_positions(longer)[:, -1:], cache=cache)
+
+
+@pytest.mark.parametrize("mask", [torch.ones(2, 3, dtype=torch.long), torch.ones(3, 5, dtype=torch.long)])
+@pytest.mark.parametrize("build", [lambda: HeadAblation([(0, 0)], mode="mean"), lambda: ActivationCache(positions="mean"),
+                                   lambda: SinkMeasurement()])
+def test_a_mask_that_does_not_fit_the_call_raises_instead_of_being_ignored(mask, build):
+    model = load_model("tiny-llama", seed=0)
+    with pytest.raises(DataError, match=r"attention_mask of shape \(\d, \d\) does not"):
+        with torch.no_grad(), build().applied(model):
+            model(input_ids=torch.randint(0, 256, (2, 5)), attention_mask=mask)
+
+
+def test_activations_under_cached_generate_equal_one_full_forward():
+    model = load_model("tiny-llama", seed=0, dtype=torch.float64)
+    ids, mask = _prompts()
+    sites = ["resid_pre", "resid_post", "attn_out", "mlp_out", "head_out"]
+    stepwise, whole = ActivationCache(sites=sites, positions="all"), ActivationCache(sites=sites, positions="all")
+    with torch.no_grad():
+        with stepwise.applied(model):
+            sequences, _ = _generate(model, ids, mask)
+        fed, fed_mask = _fed(sequences, mask)
+        with whole.applied(model):
+            model(input_ids=fed, attention_mask=fed_mask, position_ids=_positions(fed_mask))
+    real = fed_mask.bool()
+    for name, full in whole.activations().items():
+        calls = stepwise._store[name]  # one entry per forward call: the prompt, then one token each
+        assert [c.shape[1] for c in calls] == [9, 1, 1, 1, 1, 1]
+        torch.testing.assert_close(torch.cat(calls, 1)[real], full[real], rtol=1e-9, atol=1e-9)
+
+
+def _sink_rows(attentions, mask, start, stop, k):
+    """Per input [B, L, H]: the sink and top-k masses of query rows start…stop of a full forward."""
+    att = torch.stack(attentions, 1)[..., start:stop, :]  # [B, L, H, Q, K]
+    q = mask[:, start:stop].bool().view(mask.shape[0], 1, 1, -1)
+    first = mask.argmax(-1).view(-1, 1, 1, 1, 1).expand(*att.shape[:4], 1)
+    sink = att.gather(-1, first).squeeze(-1).where(q, 0).sum(-1) / q.sum(-1)
+    columns = att.where(q.unsqueeze(-1), 0).sum(-2) / q.sum(-1, keepdim=True)
+    return sink, columns.topk(k, -1).values.sum(-1)
+
+
+def test_sink_scores_under_cached_generate_equal_the_full_forwards_rows():
+    model = load_model("tiny-llama", seed=0, attn_implementation="eager")  # float64 eager leaks NaN from padding
+    ids, mask = _prompts()
+    sinks, per_call = SinkMeasurement(top_k=2), []
+    with torch.no_grad(), sinks.applied(model):
+        handle = model.register_forward_hook(lambda module, args, out: per_call.append(sinks.last_scores()["sink_mass"]))
+        sequences, _ = _generate(model, ids, mask)
+        handle.remove()
+    fed, fed_mask = _fed(sequences, mask)
+    with torch.no_grad():
+        attentions = model(input_ids=fed, attention_mask=fed_mask, position_ids=_positions(fed_mask),
+                           output_attentions=True).attentions
+    spans = [(0, 9)] + [(8 + t, 9 + t) for t in range(1, 6)]  # the prompt, then one query row per step
+    expected = [_sink_rows(attentions, fed_mask, a, b, 2) for a, b in spans]
+    torch.testing.assert_close(torch.stack(per_call), torch.stack([s for s, _ in expected]))
+    torch.testing.assert_close(sinks.results()["topk_mass"], torch.stack([t for _, t in expected]).mean((0, 1)))
+
+
+def test_a_cached_chunk_of_queries_is_measured_against_all_keys():
+    """Three new query rows over twelve keys: swapping the query and key masks would change every number."""
+    model = load_model("tiny-llama", seed=0, attn_implementation="eager")  # float64 eager leaks NaN from padding
+    ids, mask = _prompts()
+    more, full_mask = torch.randint(0, 256, (2, 3)), torch.cat([mask, torch.ones(2, 3, dtype=torch.long)], 1)
+    sinks = SinkMeasurement(top_k=3)
+    with torch.no_grad(), sinks.applied(model):
+        cache = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True).cache
+        sinks.reset()
+        model(input_ids=more, attention_mask=full_mask, position_ids=_positions(full_mask)[:, 9:], cache=cache)
+        got = sinks.last_scores()["sink_mass"]
+    with torch.no_grad():
+        attentions = model(input_ids=torch.cat([ids, more], 1), attention_mask=full_mask,
+                           position_ids=_positions(full_mask), output_attentions=True).attentions
+    sink, topk = _sink_rows(attentions, full_mask, 9, 12, 3)
+    torch.testing.assert_close(got, sink)
+    torch.testing.assert_close(sinks.results()["topk_mass"], topk.mean(0))

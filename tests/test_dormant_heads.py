@@ -72,7 +72,7 @@ def test_task_formats_parse_from_local_files(tmp_path):
     assert parse_gsm8k([{"question": "1+1?", "answer": "2\n#### 2"}], "g")[0][1] == " 2\n#### 2"
     with pytest.raises(DataError, match=r"p item 1: no field 'sol2'"):
         parse_mc("piqa", [{"goal": "x", "sol1": "y", "label": 0}], "p")
-    with pytest.raises(ValueError, match="unknown task 'hellaswag:x'"):
+    with pytest.raises(ValueError, match="hellaswag:x"):
         EvalTasksDataModule(tasks=["hellaswag:x"])
     assert len(_records(str(BUILTIN["commonsense"]))) == 40
 
@@ -85,6 +85,10 @@ def test_baseline_accuracy_equals_a_direct_log_likelihood_computation(tmp_path):
     data = EvalTasksDataModule(tokenizer="byte", tasks=[f"mc:{path}"], batch_size=4)
     L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path).validate(study, data, verbose=False)
     assert (tmp_path / "dormant_heads.csv").is_file() and (tmp_path / "dormant_heads.png").is_file()
+    saved = json.loads((tmp_path / "dormant_heads.json").read_text())
+    assert saved["sweep"] == study.results and set(saved["share_dormant_at_tau"]) == {"attention_weight", "output_norm"}
+    assert (tmp_path / "dormant_heads.md").read_text().splitlines()[0] == "| task | definition | 0% | 25% |"
+    assert not _hooks_on_o_proj(study.model) and study.ablation.mask is None
     got = {(r["definition"], r["percent_zeroed"]): r["accuracy"] for r in study.results}
 
     model, correct = study.model, 0
@@ -104,7 +108,7 @@ def test_baseline_accuracy_equals_a_direct_log_likelihood_computation(tmp_path):
     # 25% of 8 heads = 2 per question, the lowest output-norm ratios averaged over its choices.
     from lantern.callbacks import HeadAblation
     from lantern.datamodules.eval_tasks import pad
-    from lantern.lightning_modules.dormant_heads import positions
+    from lantern.models import position_ids
 
     ablated_correct, losses = 0, []
     with HeadAblation().applied(model) as ablation:
@@ -116,7 +120,7 @@ def test_baseline_accuracy_equals_a_direct_log_likelihood_computation(tmp_path):
             ablation.set_mask(most_dormant(scores, 2, higher_is_dormant=False).expand(3, -1, -1))
             with torch.no_grad():
                 logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                               position_ids=positions(b["attention_mask"])).logits
+                               position_ids=position_ids(b["attention_mask"])).logits
             logp = logits[:, :-1].log_softmax(-1).gather(-1, b["input_ids"][:, 1:, None]).squeeze(-1)
             lls = (logp * b["target_mask"][:, 1:]).sum(-1)
             ablated_correct += int(lls.argmax() == row["answer"])
@@ -131,7 +135,7 @@ def test_baseline_accuracy_equals_a_direct_log_likelihood_computation(tmp_path):
 def test_zeroing_no_heads_is_bit_identical():
     study = DormantHeadsStudy("tiny-llama")
     ids, mask = _batch([5, 5], 5)
-    with torch.no_grad():
+    with torch.no_grad(), study.ablation.applied(study.model):
         base = study.model(ids).logits
         study.ablation.set_mask(most_dormant(head_scores(study.model, ids, mask)["output_norm"], 0, False))
         assert torch.equal(study.model(ids).logits, base)
@@ -156,3 +160,29 @@ def test_fewshot_prompts_hold_k_solved_other_items():
         with_fewshot(items, 6)
     with pytest.raises(DataError, match=r"field 'answer' must be an integer label, got ''"):
         parse_mc("winogrande", [{"sentence": "a _ b", "option1": "x", "option2": "y", "answer": ""}], "w")
+
+
+def _hooks_on_o_proj(model) -> int:
+    adapter = get_adapter(model)
+    return sum(len(adapter.out_proj(model, l)._forward_pre_hooks) + len(adapter.out_proj(model, l)._forward_hooks)
+               for l in range(adapter.num_layers(model)))
+
+
+def test_ablation_hooks_live_only_inside_a_step_even_when_it_fails(monkeypatch):
+    study = DormantHeadsStudy("tiny-llama", fractions=[0.25], definitions=["random"])
+    assert not _hooks_on_o_proj(study.model)
+    ids, mask = _batch([5, 5], 5)
+    batch = {"task": "t", "kind": "lm", "input_ids": ids, "attention_mask": mask, "target_mask": mask.bool()}
+    seen = []
+
+    def failing_score(batch, logits, definitions, fraction):
+        seen.append((_hooks_on_o_proj(study.model), study.ablation.mask is not None))
+        if fraction > 0:
+            raise RuntimeError("scoring failed")
+
+    monkeypatch.setattr(study, "_score", failing_score)
+    with pytest.raises(RuntimeError, match="scoring failed"):
+        study.validation_step(batch, 0)
+    assert seen == [(2, False), (2, True)]  # one pre-hook per layer while sweeping, the random mask set last
+    assert not _hooks_on_o_proj(study.model) and not study.model._forward_pre_hooks
+    assert study.ablation.mask is None

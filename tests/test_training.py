@@ -10,7 +10,9 @@ import torch.multiprocessing as mp
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lantern.datamodules import TextDataModule
-from lantern.lightning_modules import MoEPretraining, NonFiniteLossError
+from lantern.callbacks import FiniteCheckpoint, NonFiniteGuard
+from lantern.errors import NonFiniteError
+from lantern.lightning_modules import AdamW, MoEPretraining
 from lantern.models import MoETransformer
 
 
@@ -18,7 +20,7 @@ def _module(mode="default", seed=0, **kw):
     torch.manual_seed(seed)
     net = MoETransformer(vocab_size=257, d_model=32, n_layers=2, n_heads=4, n_experts=4, top_k=2, d_expert=32,
                          router_mode=mode, max_seq_len=32)
-    return MoEPretraining(net, lr=3e-3, warmup_steps=2, **kw)
+    return MoEPretraining(net, optim=AdamW(lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95), warmup_steps=2), **kw)
 
 
 class StopAt(Callback):
@@ -109,17 +111,75 @@ def test_ddp_two_processes_match_one_process_on_the_global_batch(tmp_path):
     torch.testing.assert_close(ddp["defaults"], module.model.blocks[1].mlp.default_outputs, atol=1e-6, rtol=1e-5)
 
 
-def test_non_finite_loss_stops_with_clear_message(corpus, tmp_path):
-    class Poison(Callback):
+class Poison(Callback):
+    """Make every gradient NaN from one step on, as a diverging run does one step before its loss."""
+
+    def __init__(self, step, until=None):
+        self.step, self.until = step, until
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.active = self.step <= trainer.global_step < (self.until or 10**9)
+
+    def on_after_backward(self, trainer, pl_module):
+        if self.active:
+            for p in pl_module.parameters():
+                p.grad.fill_(float("nan"))
+
+
+def _finite(state):
+    tensors = list(state["state_dict"].values())
+    tensors += [v for opt in state["optimizer_states"] for s in opt["state"].values() for v in s.values()]
+    return all(torch.isfinite(t).all() for t in tensors if torch.is_tensor(t) and t.is_floating_point())
+
+
+def test_non_finite_gradients_stop_before_the_weights_and_name_a_finite_checkpoint(corpus, tmp_path):
+    data = TextDataModule(source=str(corpus), block_size=32, batch_size=4, val_fraction=0.2, cache_dir=str(tmp_path / "c"))
+    ckpt = FiniteCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=2, save_last=True, filename="{step}")
+    module = _module()
+    with pytest.raises(NonFiniteError, match="non-finite gradients at step 3") as err:
+        _trainer(tmp_path, 10, [Poison(3), NonFiniteGuard(), ckpt]).fit(module, data)
+    named = str(err.value).rsplit("the last finite checkpoint is ", 1)[1]
+    kept = torch.load(named, weights_only=True)
+    assert kept["global_step"] == 2 and _finite(kept)
+    assert all(torch.isfinite(p).all() for p in module.parameters())  # the NaN update never happened
+
+
+def test_skip_leaves_the_weights_untouched_and_training_goes_on(corpus, tmp_path):
+    data = TextDataModule(source=str(corpus), block_size=32, batch_size=4, val_fraction=0.2, cache_dir=str(tmp_path / "c"))
+
+    class Snapshot(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 2:
+                self.before = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 3:  # step 2's update was skipped
+                self.after = {k: v.clone() for k, v in pl_module.state_dict().items() if "default_outputs" not in k}
+
+    guard, snap, module = NonFiniteGuard(action="skip"), Snapshot(), _module()
+    _trainer(tmp_path, 6, [Poison(2, until=3), guard, snap]).fit(module, data)
+    assert guard.skipped_total == 1 and guard.skipped == 0
+    assert all(torch.equal(snap.before[k], v) for k, v in snap.after.items())
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_skip_gives_up_after_max_skips_in_a_row(corpus, tmp_path):
+    data = TextDataModule(source=str(corpus), block_size=32, batch_size=4, val_fraction=0.2, cache_dir=str(tmp_path / "c"))
+    with pytest.raises(NonFiniteError, match="3 updates in a row were skipped.*no checkpoint was written"):
+        _trainer(tmp_path, 10, [Poison(0), NonFiniteGuard(action="skip", max_skips=3)]).fit(_module(), data)
+
+
+def test_a_non_finite_state_is_never_written(corpus, tmp_path):
+    class Corrupt(Callback):  # weights go bad without a NaN gradient (e.g. an overflowing update)
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if trainer.global_step == 3:
                 with torch.no_grad():
-                    pl_module.model.lm_head.weight.fill_(float("nan"))
+                    pl_module.model.lm_head.weight[0, 0] = float("inf")
 
     data = TextDataModule(source=str(corpus), block_size=32, batch_size=4, val_fraction=0.2, cache_dir=str(tmp_path / "c"))
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=2, save_last=True, filename="{step}")
-    with pytest.raises(NonFiniteLossError, match="train/loss is nan at step 3"):
-        _trainer(tmp_path, 10, [Poison(), ckpt]).fit(_module(), data)
-    kept = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=True)
-    assert kept["global_step"] == 2
-    assert all(torch.isfinite(v).all() for v in kept["state_dict"].values() if v.is_floating_point())
+    ckpt = FiniteCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=2, save_last=True, filename="{step}")
+    with pytest.raises(NonFiniteError, match="step=4.ckpt was not written") as err:
+        _trainer(tmp_path, 10, [Corrupt(), ckpt]).fit(_module(), data)
+    assert "the last finite checkpoint is" in str(err.value)
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["last.ckpt", "step=2.ckpt"]
+    assert _finite(torch.load(tmp_path / "ck" / "last.ckpt", weights_only=True))

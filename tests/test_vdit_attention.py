@@ -20,6 +20,7 @@ from lantern.callbacks.vdit_attention import (
     sparsify_rows,
     structure_similarity,
 )
+from lantern.errors import ConfigError
 from lantern.lightning_modules.vdit_attention import (
     VDiTAttentionStudy,
     cogvideox_rotary_embedding,
@@ -76,7 +77,7 @@ def test_no_feature_is_bit_identical_to_the_stock_processor(model):
     stock = forward(model, ("a cat", "a red car at sunset"))
     for control in (VDiTAttention(), VDiTAttention(sparsity=0.0, transfer="off"),
                     VDiTAttention(record_layers="all", chunk_size=5)):  # recording only observes
-        with control.installed(model):
+        with control.applied(model):
             assert all(isinstance(p, CogVideoXStudyProcessor) for p in model.attn_processors.values())
             assert torch.equal(forward(model, ("a cat", "a red car at sunset")), stock)
 
@@ -84,7 +85,7 @@ def test_no_feature_is_bit_identical_to_the_stock_processor(model):
 def test_context_manager_restores_the_original_processors(model):
     before = dict(model.attn_processors)
     with pytest.raises(RuntimeError, match="inside"):
-        with VDiTAttention(sparsity=0.5).installed(model):
+        with VDiTAttention(sparsity=0.5).applied(model):
             assert all(model.attn_processors[k] is not p for k, p in before.items())
             raise RuntimeError("inside")
     assert all(model.attn_processors[k] is p for k, p in before.items())
@@ -115,7 +116,7 @@ def test_sparsify_zeroes_exactly_floor_kn_of_the_smallest_per_row(n, k):
 
 def test_sparsifying_one_layer_zeroes_floor_kn_per_row_there_only(model):
     control = VDiTAttention(sparsity=0.3, sparsity_layers=[1], transfer="record", chunk_size=9)
-    with control.installed(model):
+    with control.applied(model):
         forward(model)
     zeros = {l: (control.maps[(l, 0)] == 0).sum(-1) for l in range(3)}
     assert (zeros[1] == math.floor(0.3 * N)).all()  # 16 of 56 keys per query row
@@ -126,29 +127,29 @@ def test_sparsifying_one_layer_zeroes_floor_kn_per_row_there_only(model):
 @pytest.mark.parametrize("map_dtype", [None, "bfloat16"])
 def test_substituting_a_runs_own_maps_reproduces_it_exactly(model, map_dtype):
     record = VDiTAttention(transfer="record", map_dtype=map_dtype, chunk_size=20)
-    with record.installed(model):
+    with record.applied(model):
         outs = [forward(model, timestep=t) for t in (999, 500)]  # two denoising steps
     assert set(record.maps) == {(l, s) for l in range(3) for s in range(2)}
     substitute = VDiTAttention(transfer="substitute", maps=record.maps, chunk_size=20)
-    with substitute.installed(model):
+    with substitute.applied(model):
         assert all(torch.equal(forward(model, timestep=t), out) for t, out in zip((999, 500), outs))
     swapped = {(l, 1 - s): m for (l, s), m in record.maps.items()}  # the wrong step's maps do matter
-    with VDiTAttention(transfer="substitute", maps=swapped, chunk_size=20).installed(model):
+    with VDiTAttention(transfer="substitute", maps=swapped, chunk_size=20).applied(model):
         assert not torch.allclose(forward(model, timestep=999), outs[0], atol=1e-5)
 
 
 def test_transfer_touches_only_the_listed_layers(model):
     source, target = ("a red car drives along a coastal road",), ("a dog sleeps on a sofa",)
     record = VDiTAttention(transfer="record")
-    with record.installed(model):
+    with record.applied(model):
         forward(model, source)
     seen, handles = capture(model)
     own = forward(model, target)
     sub = VDiTAttention(transfer="substitute", transfer_layers=[1], maps=record.maps, record_layers=[2], n_query_samples=56)
-    with sub.installed(model):
+    with sub.applied(model):
         edited = forward(model, target)
     only_1 = {key: m for key, m in record.maps.items() if key[0] == 1}
-    with VDiTAttention(transfer="substitute", transfer_layers=[1], maps=only_1).installed(model):
+    with VDiTAttention(transfer="substitute", transfer_layers=[1], maps=only_1).applied(model):
         edited_only_1 = forward(model, target)
     for h in handles:
         h.remove()
@@ -166,7 +167,7 @@ def test_recorded_reductions_match_the_full_softmax(model):
     prompts = ("a cat walks in the snow", "waves crash on a lighthouse")
     control = VDiTAttention(record_layers="all", top_p=(0.05, 0.1, 0.5), sink_top_k=3, n_query_samples=10, chunk_size=7)
     seen, handles = capture(model)
-    with control.installed(model):
+    with control.applied(model):
         forward(model, prompts)
     for h in handles:
         h.remove()
@@ -184,7 +185,7 @@ def test_recorded_reductions_match_the_full_softmax(model):
         assert len(rows) == 10 and len(set(rows.tolist())) == 10
         assert torch.allclose(red.samples.double(), probs[:, :, rows], atol=1e-6)
     again = VDiTAttention(record_layers=[0], n_query_samples=10)  # same seed → same rows for another prompt
-    with again.installed(model):
+    with again.applied(model):
         forward(model, ("a dog",))
     assert torch.equal(again.reductions[0][0].sample_rows, control.reductions[0][0].sample_rows)
 
@@ -210,10 +211,13 @@ def test_a_column_with_90_percent_of_the_mass_is_flagged_as_a_sink():
 @pytest.mark.parametrize(
     "build, message",
     [
-        (lambda: VDiTAttention(sparsity=1.0), "sparsity=1.0 must be in [0, 1)"),
-        (lambda: VDiTAttention(sparsity=-0.1), "sparsity=-0.1 must be in [0, 1)"),
-        (lambda: VDiTAttention(transfer="substitute"), "needs maps="),
-        (lambda: VDiTAttention(top_p=(0.0,)), "top_p"),
+        (lambda: VDiTAttention(sparsity=1.0), "VDiTAttention.sparsity=1.0: expected a value in [0, 1)"),
+        (lambda: VDiTAttention(sparsity=-0.1), "VDiTAttention.sparsity=-0.1: expected a value in [0, 1)"),
+        (lambda: VDiTAttention(transfer="substitute"), "VDiTAttention.maps=None: expected the maps of a run"),
+        (lambda: VDiTAttention(top_p=(0.0,)), "VDiTAttention.top_p=[0.0]: expected fractions in (0, 1]"),
+        (lambda: VDiTAttention(chunk_size=0), "VDiTAttention.chunk_size=0: expected ≥ 1"),
+        (lambda: VDiTAttention(map_dtype="float13"), "VDiTAttention.map_dtype='float13'"),
+        (lambda: VDiTAttention(record_layers="some"), "VDiTAttention.record_layers='some'"),
         (lambda: VDiTAttentionStudy(sparsity=[0.5, 1.0]), "model.sparsity=[0.5, 1.0]"),
         (lambda: VDiTAttentionStudy(transfer_layers=[3]), "layer 3 out of range"),
         (lambda: VDiTAttentionStudy(transformer="/no/such/dir"), "local diffusers CogVideoX directory"),
@@ -229,7 +233,7 @@ def test_bad_arguments_raise_a_one_line_value_error(build, message):
                                   {"transfer": "record", "transfer_layers": [0, 7]}])
 def test_layer_out_of_range_fails_on_install_and_leaves_the_model_alone(model, spec):
     before = dict(model.attn_processors)
-    with pytest.raises(ValueError, match="out of range: the transformer has 3 attention layers") as err:
+    with pytest.raises(ConfigError, match=r"expected layer indices in \[0, 3\): the transformer has 3 attention layers") as err:
         VDiTAttention(**spec).attach(model)
     assert "\n" not in str(err.value)
     assert all(model.attn_processors[k] is p for k, p in before.items())

@@ -1,0 +1,154 @@
+"""Every bad input ends in one line, ``lantern: error: …``, naming what to change; NaN never reaches a checkpoint.
+
+The table goes through the real CLI entry (``cli_main``, the console script's function); a few
+cases also run ``python cli.py`` to check what a user sees on stderr. Add a row for every
+argument, file or setting a new method introduces.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lantern.cli import cli_main
+
+ROOT = Path(__file__).resolve().parents[1]
+MAIN = str(ROOT / "configs/default_moe/tiny.yaml")
+DEBUG = str(ROOT / "configs/debug/tiny.yaml")
+STUDY = str(ROOT / "configs/dormant_heads/tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def run_ckpt(tmp_path_factory):
+    """A finished 4-step run of the main recipe: (its last.ckpt, the folder it ran in)."""
+    where = tmp_path_factory.mktemp("run")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(where)
+        cli = cli_main(["fit", "--config", MAIN, "--config", DEBUG])
+    return where / cli.trainer.log_dir / "checkpoints" / "last.ckpt"
+
+
+def _write(path: Path, content) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return str(path)
+
+
+def _callbacks(t: Path, body: str) -> str:
+    return _write(t / "callbacks.yaml", f"trainer:\n  callbacks:\n    - {body}\n")
+
+
+FIT = ["fit", "--config", MAIN]
+CASES = {
+    # values on the command line
+    "negative lr": (lambda t, c: FIT + ["--model.init_args.optim.lr", "-1e-3"], "model.init_args.optim.lr=-0.001: expected"),
+    "lr not a number": (lambda t, c: FIT + ["--model.init_args.optim.lr", "fast"], "optim.lr"),
+    "lr where optim.lr is": (lambda t, c: FIT + ["--model.init_args.lr=-1"], "'lr' is not accepted"),
+    "unknown trainer key": (lambda t, c: FIT + ["--trainer.max_stepz", "3"], "max_stepz"),
+    "n_heads 0": (lambda t, c: FIT + ["--model.init_args.model.init_args.n_heads", "0"], "model.init_args.model.init_args.n_heads=0"),
+    "negative d_model": (lambda t, c: FIT + ["--model.init_args.model.init_args.d_model", "-8"], "model.init_args.model.init_args.d_model=-8"),
+    "d_expert 0": (lambda t, c: FIT + ["--model.init_args.model.init_args.d_expert", "0"], "d_expert=0"),
+    "top_k > n_experts": (lambda t, c: FIT + ["--model.init_args.model.init_args.top_k", "9"], "top_k=9: expected between 1 and n_experts=8"),
+    "unknown router": (lambda t, c: FIT + ["--model.init_args.model.init_args.router_mode", "soft"], "router_mode"),
+    "block longer than the model": (lambda t, c: FIT + ["--data.init_args.block_size", "512"], "data.init_args.block_size=512: expected ≤ the model's max_seq_len=256"),
+    "negative max_steps": (lambda t, c: FIT + ["--trainer.max_steps", "-5"], "trainer.max_steps=-5"),
+    "max_steps 0": (lambda t, c: FIT + ["--trainer.max_steps", "0"], "trainer.max_steps=0"),
+    "bad betas": (lambda t, c: FIT + ["--model.init_args.optim.betas", "[0.9, 1.5]"], "model.init_args.optim.betas=[0.9, 1.5]"),
+    "negative num_workers": (lambda t, c: FIT + ["--data.init_args.num_workers", "-1"], "data.init_args.num_workers=-1"),
+    "negative clip": (lambda t, c: FIT + ["--trainer.gradient_clip_val", "-1"], "trainer.gradient_clip_val=-1"),
+    "no validation but a monitor": (lambda t, c: FIT + ["--trainer.limit_val_batches", "0"], "trainer.limit_val_batches=0"),
+    "predict without a predict step": (lambda t, c: ["predict", "--config", MAIN], "MoEPretraining has no predict step"),
+    # data
+    "empty source": (lambda t, c: FIT + ["--data.init_args.source", ""], "data.source is empty"),
+    "missing source": (lambda t, c: FIT + ["--data.init_args.source", "/no/such/corpus.txt"], "/no/such/corpus.txt'"),
+    "binary jsonl": (lambda t, c: FIT + ["--data.init_args.source", _write(t / "bin.jsonl", b"\xff\xfe\x00bad")], "bin.jsonl:1: not UTF-8"),
+    "empty tokenizer folder": (lambda t, c: FIT + ["--data.init_args.tokenizer", str(t)], f"could not load '{{t}}'"),
+    "unwritable cache": (lambda t, c: FIT + ["--data.init_args.cache_dir", str(Path(_write(t / "f", "x")) / "c")], "data.init_args.cache_dir="),
+    "unwritable run folder": (lambda t, c: FIT + ["--trainer.logger.init_args.save_dir", str(Path(_write(t / "f", "x")) / "runs")],
+                              "trainer.logger.init_args.save_dir="),
+    # config files
+    "empty config": (lambda t, c: FIT + ["--config", _write(t / "e.yaml", "")], "e.yaml: the file is empty"),
+    "binary config": (lambda t, c: FIT + ["--config", _write(t / "b.yaml", b"\x00\xff\x13\x88" * 8)], "b.yaml: not a text YAML file"),
+    "YAML syntax error": (lambda t, c: FIT + ["--config", _write(t / "s.yaml", "trainer:\n  max_steps: [1,\n")], "s.yaml: line 3"),
+    "duplicate YAML key": (lambda t, c: FIT + ["--config", _write(t / "d.yaml", "trainer:\n  max_steps: 3\n  max_steps: 4\n")],
+                           "d.yaml: line 3, column 3: invalid YAML (key 'max_steps' appears twice)"),
+    "config not a mapping": (lambda t, c: FIT + ["--config", _write(t / "l.yaml", "- 1\n- 2\n")], "l.yaml: expected a mapping"),
+    "missing config": (lambda t, c: FIT + ["--config", str(t / "nope.yaml")], "nope.yaml: no such file"),
+    # checkpoints
+    "missing checkpoint (fit)": (lambda t, c: FIT + ["--ckpt_path", str(t / "x.ckpt")], "x.ckpt: no such checkpoint file"),
+    "missing checkpoint (validate)": (lambda t, c: ["validate", "--ckpt_path", str(t / "x.ckpt")], "x.ckpt: no such checkpoint file"),
+    "empty checkpoint": (lambda t, c: FIT + ["--ckpt_path", _write(t / "e.ckpt", b"")], "e.ckpt: the file is empty"),
+    "random-bytes checkpoint": (lambda t, c: ["validate", "--config", MAIN, "--ckpt_path", _write(t / "r.ckpt", bytes(range(256)) * 8)],
+                                "r.ckpt: not a readable checkpoint"),
+    "truncated checkpoint": (lambda t, c: ["validate", "--config", MAIN, "--ckpt_path", _write(t / "t.ckpt", c.read_bytes()[:5000])],
+                             "t.ckpt: not a readable checkpoint"),
+    "checkpoint of another size (validate)": (lambda t, c: ["validate", "--ckpt_path", str(c), "--model.init_args.model.init_args.d_model", "64"],
+                                              "model.embed.weight is [257, 128] in the checkpoint and [257, 64] in the model"),
+    "checkpoint of another size (fit)": (lambda t, c: FIT + ["--ckpt_path", str(c), "--model.init_args.model.init_args.n_layers", "2"],
+                                         "does not fit MoEPretraining"),
+    "checkpoint without its run": (lambda t, c: ["validate", "--ckpt_path", _write(t / "alone.ckpt", c.read_bytes())], "no config.yaml found above"),
+    # studies and callbacks
+    "model that is not there": (lambda t, c: ["validate", "--config", STUDY, "--model.init_args.model_name", "someone/not-a-model"],
+                                "could not load 'someone/not-a-model'"),
+    "tokenizer other than the model's": (lambda t, c: ["validate", "--config", STUDY, "--data.init_args.tokenizer", "byte"],
+                                         "data.init_args.tokenizer='byte': expected the model's tokenizer 'tiny-llama'"),
+    "fraction out of range": (lambda t, c: ["validate", "--config", STUDY, "--model.init_args.fractions", "[0.1, 1.5]"], "model.init_args.fractions="),
+    "unknown task": (lambda t, c: ["validate", "--config", STUDY, "--data.init_args.tasks", "[hellaswag]"], "data.init_args.tasks='hellaswag'"),
+    "head out of range": (lambda t, c: ["validate", "--config", STUDY, "--config", _callbacks(t, "class_path: lantern.callbacks.HeadAblation\n      init_args: {heads: [[9, 0]]}")],
+                          "trainer.callbacks[0].init_args.heads="),
+    "invalid regex": (lambda t, c: ["validate", "--config", STUDY, "--config", _callbacks(t, "class_path: lantern.callbacks.ActivationCache\n      init_args: {names: '('}")],
+                      "trainer.callbacks[0].init_args.names='('"),
+    "no sites": (lambda t, c: ["validate", "--config", STUDY, "--config", _callbacks(t, "class_path: lantern.callbacks.ActivationCache\n      init_args: {sites: []}")],
+                 "trainer.callbacks[0].init_args.sites=[]"),
+    "top_k beyond the sequence": (lambda t, c: ["validate", "--config", STUDY, "--config", _callbacks(t, "class_path: lantern.callbacks.SinkMeasurement\n      init_args: {top_k: 5000}")],
+                                  "top_k=5000"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_ends_in_one_line_naming_the_field(case, run_ckpt, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    build, expected = CASES[case]
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(build(inputs, run_ckpt))
+    said = exit_.value.code
+    assert isinstance(said, str) and said.startswith("lantern: error: ") and "\n" not in said, said
+    assert expected.replace("{t}", str(inputs)) in said, said
+    assert not list(tmp_path.glob("runs/*/version_*")), "a failed run left its folder behind"
+
+
+@pytest.mark.parametrize(
+    "args, expected, alone",
+    [
+        (["fit", "--config", MAIN, "--model.init_args.model.init_args.n_heads", "0"], "n_heads=0", True),
+        (["validate", "--ckpt_path", "missing.ckpt"], "missing.ckpt: no such checkpoint file", True),
+        (["validate", "--config", STUDY, "--model.init_args.model_name", "someone/not-a-model"], "could not load", True),
+    ],
+)
+def test_the_console_shows_one_line_and_no_traceback(args, expected, alone, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert lines[-1].startswith("lantern: error: ") and expected in lines[-1]
+    assert not alone or len(lines) == 1, proc.stderr
+
+
+def test_a_diverging_run_stops_and_names_a_finite_checkpoint(tmp_path, monkeypatch):
+    """The reported case: lr 1e6 used to leave best-2.ckpt and last.ckpt with NaN in 35 of 39 tensors."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["fit", "--config", MAIN, "--config", DEBUG, "--model.init_args.optim.lr", "1e6", "--trainer.val_check_interval", "1"])
+    said = exit_.value.code
+    assert said.startswith("lantern: error: non-finite gradients") and "the last finite checkpoint is " in said
+    named = Path(said.rsplit("the last finite checkpoint is ", 1)[1])
+    state = torch.load(named, weights_only=True)
+    tensors = list(state["state_dict"].values())
+    tensors += [v for opt in state["optimizer_states"] for s in opt["state"].values() for v in s.values()]
+    assert all(torch.isfinite(t).all() for t in tensors if torch.is_tensor(t) and t.is_floating_point())
+    for ckpt in tmp_path.rglob("*.ckpt"):  # and nothing else written is poisoned either
+        sd = torch.load(ckpt, weights_only=True)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())
