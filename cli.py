@@ -181,6 +181,10 @@ def check_checkpoint_fits(state: dict, model: torch.nn.Module, path: str) -> Non
                 f"--ckpt_path {path}: does not fit {type(model).__name__}: {name} is {list(saved[name].shape)} "
                 f"in the checkpoint and {list(tensor.shape)} in the model (a model of another size?)"
             )
+    poisoned = [name for name, t in saved.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if poisoned:
+        raise CheckpointError(f"--ckpt_path {path}: NaN or inf in {len(poisoned)} of {len(saved)} tensors "
+                              f"(first: {poisoned[0]}); use an earlier checkpoint")
 
 
 def _discard_empty_run(trainer) -> None:

@@ -26,8 +26,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from lantern.errors import require
 from lantern.datamodules.text import DataError, TextDataModule, load_hf_dataset, read_lines
+from lantern.errors import require
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 BUILTIN = {"commonsense": TASKS_DIR / "commonsense_mc.jsonl"}

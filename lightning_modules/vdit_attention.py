@@ -18,7 +18,6 @@ to halve the cost: the maps of interest are those of the prompted generation.
 from __future__ import annotations
 
 import hashlib
-import math
 from pathlib import Path
 from typing import Literal
 

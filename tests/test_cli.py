@@ -47,6 +47,7 @@ def _subcommand(config: str) -> str:
     return "fit" if cls.training_step is not LightningModule.training_step else "validate"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", TINY)
 def test_tiny_recipe_runs_fast_dev_run(config, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -77,6 +78,7 @@ def test_run_names_come_from_the_recipe():
     assert run_name(["fit"]) == "default"
 
 
+@pytest.mark.slow
 def test_fit_then_validate_from_the_run_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     fit = cli_main(["fit", "--config", MAIN, "--config", DEBUG])

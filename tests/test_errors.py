@@ -36,6 +36,13 @@ def _write(path: Path, content) -> str:
     return str(path)
 
 
+def _poisoned(ckpt: Path, to: Path) -> str:
+    state = torch.load(ckpt, weights_only=True)
+    state["state_dict"]["model.norm.weight"][0] = float("nan")
+    torch.save(state, to)
+    return str(to)
+
+
 def _callbacks(t: Path, body: str) -> str:
     return _write(t / "callbacks.yaml", f"trainer:\n  callbacks:\n    - {body}\n")
 
@@ -64,7 +71,7 @@ CASES = {
     "empty source": (lambda t, c: FIT + ["--data.init_args.source", ""], "data.source is empty"),
     "missing source": (lambda t, c: FIT + ["--data.init_args.source", "/no/such/corpus.txt"], "/no/such/corpus.txt'"),
     "binary jsonl": (lambda t, c: FIT + ["--data.init_args.source", _write(t / "bin.jsonl", b"\xff\xfe\x00bad")], "bin.jsonl:1: not UTF-8"),
-    "empty tokenizer folder": (lambda t, c: FIT + ["--data.init_args.tokenizer", str(t)], f"could not load '{{t}}'"),
+    "empty tokenizer folder": (lambda t, c: FIT + ["--data.init_args.tokenizer", str(t)], "could not load '{t}'"),
     "unwritable cache": (lambda t, c: FIT + ["--data.init_args.cache_dir", str(Path(_write(t / "f", "x")) / "c")], "data.init_args.cache_dir="),
     "unwritable run folder": (lambda t, c: FIT + ["--trainer.logger.init_args.save_dir", str(Path(_write(t / "f", "x")) / "runs")],
                               "trainer.logger.init_args.save_dir="),
@@ -88,6 +95,8 @@ CASES = {
                                               "model.embed.weight is [257, 128] in the checkpoint and [257, 64] in the model"),
     "checkpoint of another size (fit)": (lambda t, c: FIT + ["--ckpt_path", str(c), "--model.init_args.model.init_args.n_layers", "2"],
                                          "does not fit MoEPretraining"),
+    "checkpoint holding NaN": (lambda t, c: ["validate", "--config", MAIN, "--ckpt_path", _poisoned(c, t / "nan.ckpt")],
+                               "nan.ckpt: NaN or inf in 1 of "),
     "checkpoint without its run": (lambda t, c: ["validate", "--ckpt_path", _write(t / "alone.ckpt", c.read_bytes())], "no config.yaml found above"),
     # studies and callbacks
     "model that is not there": (lambda t, c: ["validate", "--config", STUDY, "--model.init_args.model_name", "someone/not-a-model"],
@@ -121,6 +130,7 @@ def test_bad_input_ends_in_one_line_naming_the_field(case, run_ckpt, tmp_path, m
     assert not list(tmp_path.glob("runs/*/version_*")), "a failed run left its folder behind"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, expected, alone",
     [

@@ -22,6 +22,7 @@ def test_ci_runs_the_readme_quickstart_commands():
     assert (ROOT / "configs/default_moe/tiny.yaml").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "script, extra, names",
     [

@@ -48,6 +48,7 @@ def _trainer(tmp_path, max_steps, callbacks):
                      gradient_clip_val=1.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["default", "topk"])
 def test_resume_continues_the_same_loss_curve(corpus, tmp_path, mode):
     data = dict(source=str(corpus), block_size=32, batch_size=4, val_fraction=0.2, cache_dir=str(tmp_path / "c"))
@@ -93,6 +94,7 @@ def _ddp_worker(rank, world, port, batch, state, out_path):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one_process_on_the_global_batch(tmp_path):
     module = _module()
     module.model.train()

@@ -239,6 +239,7 @@ def test_layer_out_of_range_fails_on_install_and_leaves_the_model_alone(model, s
     assert all(model.attn_processors[k] is p for k, p in before.items())
 
 
+@pytest.mark.slow
 def test_the_tiny_study_writes_its_summary(tmp_path, monkeypatch):
     from lantern.cli import cli_main
 
