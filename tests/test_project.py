@@ -36,3 +36,20 @@ def test_benchmarks_print_their_ratios(script, extra, names):
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [r["benchmark"] for r in rows] == names
     assert all(r["ratio"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_the_wheel_installs_only_the_lantern_namespace(tmp_path):
+    import shutil
+    import zipfile
+
+    src = tmp_path / "src"  # build from a copy: setuptools leaves build/ behind and would reuse it
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "runs", "*.egg-info", "__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(src)],
+                   check=True, capture_output=True, timeout=300)
+    (wheel,) = tmp_path.glob("lantern-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {n.split("/", 1)[0] for n in names} == {"lantern", wheel.name.split("-py3")[0] + ".dist-info"}
+    assert {"lantern/cli.py", "lantern/errors.py", "lantern/reporting.py", "lantern/models/scoring.py",
+            "lantern/datamodules/tasks/commonsense_mc.jsonl"} <= set(names)
+    assert not any(n.startswith(("lantern/tests/", "lantern/bench/", "lantern/configs/")) for n in names)
