@@ -121,9 +121,9 @@ class LanternCLI(LightningCLI):
         except BaseException:
             _discard_empty_run(self.trainer)
             raise
-        study = subcommand != "fit" and not self.config[subcommand].get("ckpt_path")
-        if study and self.trainer.is_global_zero and self.trainer.log_dir:  # fit runs are linked at each checkpoint
-            link_latest(Path(self.trainer.log_dir))
+        run = _run_dir(self.trainer)
+        if subcommand != "fit" and not self.config[subcommand].get("ckpt_path") and run:  # fit: at each checkpoint
+            link_latest(run)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -187,11 +187,17 @@ def check_checkpoint_fits(state: dict, model: torch.nn.Module, path: str) -> Non
                               f"(first: {poisoned[0]}); use an earlier checkpoint")
 
 
+def _run_dir(trainer) -> Path | None:
+    """This run's folder, on rank zero (the logger's own, not ``trainer.log_dir``: that one is a collective)."""
+    log_dir = getattr(trainer.logger, "log_dir", None) if trainer is not None and trainer.is_global_zero else None
+    return Path(log_dir) if log_dir else None
+
+
 def _discard_empty_run(trainer) -> None:
     """A run that failed before its first step leaves no version folder behind."""
-    if trainer is None or trainer.global_step > 0 or not trainer.loggers or not trainer.is_global_zero:
+    run = _run_dir(trainer)
+    if run is None or trainer.global_step > 0:
         return
-    run = Path(trainer.log_dir or "")
     if run.name.startswith("version_") and run.is_dir() and not any(run.rglob("*.ckpt")):
         shutil.rmtree(run, ignore_errors=True)
         if run.parent.is_dir() and not any(run.parent.iterdir()):

@@ -109,7 +109,7 @@ class FiniteCheckpoint(ModelCheckpoint):
 
 def link_latest(run: Path) -> None:
     """``runs/<name>/latest`` → this run's ``version_N``, so commands need no version number."""
-    if not run.name.startswith("version_"):
+    if not run.name.startswith("version_") or not run.is_dir():
         return
     link, tmp = run.parent / "latest", run.parent / f".latest-{os.getpid()}"
     try:
