@@ -33,15 +33,14 @@ import lantern.datamodules  # noqa: F401  (registers the DataModules)
 import lantern.lightning_modules  # noqa: F401  (registers the LightningModules)
 from lantern.callbacks.nonfinite import FiniteCheckpoint, NonFiniteGuard, link_latest
 from lantern.errors import CheckpointError, ConfigError, LanternError
-from lantern.models.loading import writable_dir
+from lantern.models.loading import load_tokenizer, writable_dir
 
 EVAL_COMMANDS = ("validate", "test", "predict")
 _NUMBER = re.compile(r"^-\d*\.?\d+(e[-+]?\d+)?$", re.I)
 
 
 class LanternCLI(LightningCLI):
-    def __init__(self, *args, checkpoint: dict | None = None, **kwargs):
-        self.checkpoint_state = checkpoint  # the --ckpt_path state dict, read once before parsing
+    def __init__(self, *args, **kwargs):
         try:
             super().__init__(*args, **kwargs)
         except Exception as err:  # the parsed config lets the error name the field as the user types it
@@ -69,6 +68,14 @@ class LanternCLI(LightningCLI):
         config = self.config[self.subcommand]
         trainer, monitor = config.trainer, config.checkpoint.monitor
         max_steps, clip = trainer.max_steps, trainer.gradient_clip_val
+        for field, value, ok, expected in (
+            ("accumulate_grad_batches", trainer.accumulate_grad_batches, lambda v: v >= 1, "≥ 1"),
+            ("val_check_interval", trainer.val_check_interval, lambda v: v > 0, "> 0 (a fraction of an epoch, or batches), or null"),
+            ("limit_train_batches", trainer.limit_train_batches,
+             lambda v: v > 0 or self.subcommand != "fit", "> 0 (a fraction, or batches): fit with no batches trains nothing"),
+        ):
+            if value is not None and not ok(value):
+                raise ConfigError("trainer", field, value, expected)
         if max_steps is not None and (max_steps == 0 or max_steps < -1):
             raise ConfigError("trainer", "max_steps", max_steps, "a positive number of steps, or -1 for no limit")
         if clip is not None and clip < 0:
@@ -102,9 +109,9 @@ class LanternCLI(LightningCLI):
         _agree_on_tokenizer(self.model, self.datamodule)
         if self.datamodule is not None and hasattr(self.model, "check_datamodule"):
             self.model.check_datamodule(self.datamodule)  # before the Trainer, so the error comes alone
-        if self.checkpoint_state is not None:
-            check_checkpoint_fits(self.checkpoint_state, self.model, self.config[self.subcommand].ckpt_path)
-            self.checkpoint_state = None
+        ckpt = self.config[self.subcommand].get("ckpt_path")
+        if ckpt:
+            check_checkpoint_fits(read_checkpoint(ckpt), self.model, ckpt)
         if self.subcommand == "predict":
             _check_predict(self.model, self.datamodule)
         return super().instantiate_trainer(**kwargs)
@@ -116,10 +123,13 @@ class LanternCLI(LightningCLI):
         return super()._instantiate_trainer(config, callbacks)
 
     def _run_subcommand(self, subcommand: str) -> None:
+        run = _run_dir(self.trainer)
+        new = run is not None and not run.exists()  # only a folder this run made may be discarded
         try:
             super()._run_subcommand(subcommand)
         except BaseException:
-            _discard_empty_run(self.trainer)
+            if new and self.trainer.global_step == 0:
+                _discard_empty_run(run)
             raise
         run = _run_dir(self.trainer)
         if subcommand != "fit" and not self.config[subcommand].get("ckpt_path") and run:  # fit: at each checkpoint
@@ -134,7 +144,7 @@ def _agree_on_tokenizer(model: LightningModule, data: LightningDataModule | None
         return
     if data.tokenizer_name is None:
         data.tokenizer_name = wanted
-    elif data.tokenizer_name != wanted:
+    elif data.tokenizer_name != wanted and load_tokenizer(data.tokenizer_name).fingerprint != load_tokenizer(wanted).fingerprint:
         raise ConfigError(
             data, "tokenizer", data.tokenizer_name,
             f"the model's tokenizer {wanted!r} (or leave it out: the data then uses the model's)",
@@ -148,9 +158,14 @@ def _check_predict(model: LightningModule, data: LightningDataModule | None) -> 
         raise LanternError(f"{type(data).__name__} has no predict data: use validate or test")
 
 
-def read_checkpoint(path: str) -> dict:
-    """The checkpoint's state, with a clear error for a missing, empty, truncated or foreign file."""
+def read_checkpoint(path: str) -> dict | None:
+    """The checkpoint's state, with a clear error for a missing, empty, truncated or foreign file.
+
+    None for a sharded (FSDP) checkpoint, a folder that Lightning reads itself.
+    """
     file = Path(path)
+    if file.is_dir() and (file / "meta.pt").is_file():
+        return None
     if not file.is_file():
         raise CheckpointError(f"--ckpt_path {path}: no such checkpoint file")
     if file.stat().st_size == 0:
@@ -164,8 +179,10 @@ def read_checkpoint(path: str) -> dict:
     return state
 
 
-def check_checkpoint_fits(state: dict, model: torch.nn.Module, path: str) -> None:
+def check_checkpoint_fits(state: dict | None, model: torch.nn.Module, path: str) -> None:
     """Compare names and shapes before a run starts, so a checkpoint of another model fails in one line."""
+    if state is None:
+        return
     saved = state["state_dict"]
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
@@ -193,15 +210,14 @@ def _run_dir(trainer) -> Path | None:
     return Path(log_dir) if log_dir else None
 
 
-def _discard_empty_run(trainer) -> None:
-    """A run that failed before its first step leaves no version folder behind."""
-    run = _run_dir(trainer)
-    if run is None or trainer.global_step > 0:
+def _discard_empty_run(run: Path) -> None:
+    """A run that failed before its first step leaves no folder behind (nor the empty ones above it)."""
+    if not run.name.startswith("version_") or any(run.rglob("*.ckpt")):
         return
-    if run.name.startswith("version_") and run.is_dir() and not any(run.rglob("*.ckpt")):
-        shutil.rmtree(run, ignore_errors=True)
-        if run.parent.is_dir() and not any(run.parent.iterdir()):
-            run.parent.rmdir()
+    shutil.rmtree(run, ignore_errors=True)
+    for parent in (run.parent, run.parent.parent):
+        if parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -243,13 +259,17 @@ def check_config_file(path: str) -> None:
         raise LanternError(f"--config {path}: expected a mapping of settings (trainer:, model:, data:), got a {type(content).__name__}")
 
 
+_SHORT = {"--config": "-c"}
+
+
 def _option_values(args: list[str], option: str) -> list[tuple[int, str]]:
-    """(index, value) of every ``--option value`` and ``--option=value``."""
+    """(index, value) of every ``--option value`` and ``--option=value`` (and the short form, ``-c``)."""
+    names = {option, _SHORT.get(option, option)}
     found = []
     for i, arg in enumerate(args):
-        if arg == option and i + 1 < len(args):
+        if arg in names and i + 1 < len(args):
             found.append((i + 1, args[i + 1]))
-        elif arg.startswith(option + "="):
+        elif arg.startswith(tuple(n + "=" for n in names)):
             found.append((i, arg.split("=", 1)[1]))
     return found
 
@@ -262,7 +282,7 @@ def _run_config(ckpt_path: str) -> Path | None:
     return None
 
 
-def prepare_args(args: list[str]) -> tuple[list[str], dict | None]:
+def prepare_args(args: list[str]) -> list[str]:
     """Check config files and the checkpoint before parsing; add the run's config for evaluation."""
     args = list(args)
     for i in range(len(args) - 1):  # `--lr -1e-3`: argparse would take -1e-3 for an option
@@ -272,11 +292,10 @@ def prepare_args(args: list[str]) -> tuple[list[str], dict | None]:
     configs = _option_values(args, "--config")
     for _, path in configs:
         check_config_file(path)
-    state = None
-    ckpts = _option_values(args, "--ckpt_path")
+    ckpts = [(i, c) for i, c in _option_values(args, "--ckpt_path") if c.lower() not in ("", "null", "none")]
     if ckpts:
         index, ckpt = ckpts[-1]
-        state = read_checkpoint(ckpt)
+        read_checkpoint(ckpt)
         real = str(Path(ckpt).resolve())  # runs/x/latest may move once this run starts
         args[index] = real if args[index] == ckpt else f"--ckpt_path={real}"
         if args and args[0] in EVAL_COMMANDS and not configs:
@@ -284,7 +303,7 @@ def prepare_args(args: list[str]) -> tuple[list[str], dict | None]:
             if config is None:
                 raise CheckpointError(f"no config.yaml found above {ckpt}; pass the run's recipe with --config")
             args = [args[0], "--config", str(config), *args[1:]]
-    return args, state
+    return args
 
 
 def run_name(args: list[str]) -> str:
@@ -372,7 +391,7 @@ def cli_main(args: list[str] | None = None) -> LanternCLI | None:
     args = list(sys.argv[1:] if args is None else args)
     _quiet()
     try:
-        args, checkpoint = prepare_args(args)
+        args = prepare_args(args)
         return LanternCLI(
             LightningModule,
             LightningDataModule,
@@ -389,7 +408,6 @@ def cli_main(args: list[str] | None = None) -> LanternCLI | None:
             },
             parser_kwargs={"exit_on_error": False},
             args=args,
-            checkpoint=checkpoint,
         )
     except Exception as err:
         expected = _expected_error(err)

@@ -32,7 +32,7 @@ def _all_finite(tensors) -> torch.Tensor:
 def last_good_checkpoint(trainer: L.Trainer) -> str:
     """'the last finite checkpoint is …', or that there is none."""
     paths = [getattr(cb, "last_good_path", None) for cb in trainer.checkpoint_callbacks]
-    paths = [p for p in paths if p and Path(p).is_file()]
+    paths = [p for p in paths if p and Path(p).exists()]  # a sharded (FSDP) checkpoint is a folder
     return f"the last finite checkpoint is {paths[-1]}" if paths else "no checkpoint was written"
 
 
@@ -53,7 +53,8 @@ class NonFiniteGuard(L.Callback):
         if getattr(trainer.precision_plugin, "scaler", None) is not None:
             return
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if not params or bool(_all_finite(p.grad for p in params)):
+        # Every rank decides the same: under FSDP each holds only its shard of the gradients.
+        if trainer.strategy.reduce_boolean_decision(bool(_all_finite(p.grad for p in params)), all=True):
             self.skipped = 0
             return
         loss = trainer.callback_metrics.get("train/loss")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
-from pathlib import Path
 
 import lightning as L
 import torch
@@ -25,7 +24,7 @@ from torch import nn
 from lantern.callbacks.base import ModelHookCallback, eager_attention, first_token_mass, topk_column_mass
 from lantern.errors import require
 from lantern.models.adapters import ArchAdapter
-from lantern.reporting import heatmap, write_figure
+from lantern.reporting import heatmap, run_dir, write_figure
 
 
 _KEYS = ("sink_mass", "topk_mass", "output_norm_ratio", "dormant_share")
@@ -144,14 +143,15 @@ class SinkMeasurement(ModelHookCallback):
             pl_module.log(f"attn/topk_mass/L{layer}", value, sync_dist=True)
         for layer, value in enumerate(res["dormant_share"].tolist()):
             pl_module.log(f"attn/dormant_share/L{layer}", value, sync_dist=True)
+        out = run_dir(trainer)  # a collective: every rank asks, rank zero writes
         if not trainer.is_global_zero:
             return
         write_figure(trainer, heatmap(res["sink_mass"], "attention on the first token", vmin=0, vmax=1),
                      "attn/sink_mass", step=step)
         write_figure(trainer, heatmap(res["output_norm_ratio"].clamp(max=2) / 2, "output-norm ratio r_h / 2 (dark: dormant)",
                                       vmin=0, vmax=1), "attn/output_norm_ratio", step=step)
-        if trainer.log_dir:
-            path = Path(trainer.log_dir) / self.json_name
+        if out:
+            path = out / self.json_name
             records = json.loads(path.read_text()) if path.exists() else []
             records.append({"step": step, "sequences": self._count, "top_k": self.top_k, "norm_tau": self.norm_tau,
                             **{k: v.tolist() for k, v in res.items()}})

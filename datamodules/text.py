@@ -39,13 +39,13 @@ def stdlib_files() -> list[Path]:
 
 def read_lines(path: Path) -> Iterator[tuple[int, str]]:
     """(line number, line) of a UTF-8 text file; a binary or non-UTF-8 file fails naming the line."""
-    lineno = 0
     try:
-        with path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                yield lineno, line
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}:{lineno + 1}: not UTF-8 text ({err.reason}); expected JSON lines") from None
+        with path.open("rb") as fh:  # decoded line by line, so the error names the right line
+            for lineno, raw in enumerate(fh, 1):
+                try:
+                    yield lineno, raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise DataError(f"{path}:{lineno}: not UTF-8 text ({err.reason} at column {err.start + 1})") from None
     except OSError as err:
         raise DataError(f"{path}: cannot be read ({err.strerror})") from None
 

@@ -166,10 +166,15 @@ class MoEFeedForward(nn.Module):
 
     @torch.no_grad()
     def _update_defaults(self, numer: torch.Tensor, denom: torch.Tensor, seen: torch.Tensor) -> None:
-        """Ê_i ← β·Ê_i + (1−β)·(weighted) mean output; experts that saw no token keep Ê_i."""
+        """Ê_i ← β·Ê_i + (1−β)·(weighted) mean output; experts that saw no token keep Ê_i.
+
+        A non-finite mean (a diverging step, which the NaN guard then skips) leaves Ê_i as it was:
+        a buffer has no optimizer step to skip, and one NaN would stay in it for good.
+        """
         mean = (numer / denom.clamp(min=1e-12).unsqueeze(-1)).to(self.default_outputs.dtype)
         new = self.ema_beta * self.default_outputs + (1.0 - self.ema_beta) * mean
-        self.default_outputs.copy_(torch.where(seen.unsqueeze(-1), new, self.default_outputs))
+        keep = seen.unsqueeze(-1) & torch.isfinite(new)
+        self.default_outputs.copy_(torch.where(keep, new, self.default_outputs))
 
 
 class DenseFeedForward(nn.Module):

@@ -43,6 +43,18 @@ def _poisoned(ckpt: Path, to: Path) -> str:
     return str(to)
 
 
+def _word_tokenizer(t: Path) -> str:
+    """A real Hugging Face tokenizer folder that is not the byte tokenizer."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": 1, "the": 2, "cat": 3}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+                                  unk_token="<unk>", eos_token="<eos>")
+    tok.save_pretrained(t / "tok")
+    return str(t / "tok")
+
+
 def _callbacks(t: Path, body: str) -> str:
     return _write(t / "callbacks.yaml", f"trainer:\n  callbacks:\n    - {body}\n")
 
@@ -101,8 +113,13 @@ CASES = {
     # studies and callbacks
     "model that is not there": (lambda t, c: ["validate", "--config", STUDY, "--model.init_args.model_name", "someone/not-a-model"],
                                 "could not load 'someone/not-a-model'"),
-    "tokenizer other than the model's": (lambda t, c: ["validate", "--config", STUDY, "--data.init_args.tokenizer", "byte"],
-                                         "data.init_args.tokenizer='byte': expected the model's tokenizer 'tiny-llama'"),
+    "tokenizer other than the model's": (lambda t, c: ["validate", "--config", STUDY, "--data.init_args.tokenizer", _word_tokenizer(t)],
+                                         "data.init_args.tokenizer='{t}/tok': expected the model's tokenizer 'tiny-llama'"),
+    "zero accumulation": (lambda t, c: FIT + ["--trainer.accumulate_grad_batches", "0"], "trainer.accumulate_grad_batches=0"),
+    "validation every 0 steps": (lambda t, c: FIT + ["--trainer.val_check_interval", "0"], "trainer.val_check_interval=0"),
+    "no training batches": (lambda t, c: FIT + ["--trainer.limit_train_batches", "0"], "trainer.limit_train_batches=0"),
+    "duplicate key through -c": (lambda t, c: ["fit", "-c", MAIN, "-c", _write(t / "d.yaml", "trainer:\n  max_steps: 3\n  max_steps: 4\n")],
+                                 "appears twice"),
     "fraction out of range": (lambda t, c: ["validate", "--config", STUDY, "--model.init_args.fractions", "[0.1, 1.5]"], "model.init_args.fractions="),
     "unknown task": (lambda t, c: ["validate", "--config", STUDY, "--data.init_args.tasks", "[hellaswag]"], "data.init_args.tasks='hellaswag'"),
     "head out of range": (lambda t, c: ["validate", "--config", STUDY, "--config", _callbacks(t, "class_path: lantern.callbacks.HeadAblation\n      init_args: {heads: [[9, 0]]}")],
@@ -136,6 +153,7 @@ def test_bad_input_ends_in_one_line_naming_the_field(case, run_ckpt, tmp_path, m
     [
         (["fit", "--config", MAIN, "--model.init_args.model.init_args.n_heads", "0"], "n_heads=0", True),
         (["validate", "--ckpt_path", "missing.ckpt"], "missing.ckpt: no such checkpoint file", True),
+        (["fit", "-c", MAIN, "--trainer.accumulate_grad_batches", "0"], "trainer.accumulate_grad_batches=0", True),
         (["validate", "--config", STUDY, "--model.init_args.model_name", "someone/not-a-model"], "could not load", True),
     ],
 )
@@ -162,3 +180,16 @@ def test_a_diverging_run_stops_and_names_a_finite_checkpoint(tmp_path, monkeypat
     for ckpt in tmp_path.rglob("*.ckpt"):  # and nothing else written is poisoned either
         sd = torch.load(ckpt, weights_only=True)["state_dict"]
         assert all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())
+
+
+@pytest.mark.slow
+def test_a_failed_run_keeps_the_folder_it_did_not_make(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli_main(["validate", "--config", STUDY, "--data.init_args.text_blocks", "2"])
+    run = tmp_path / "runs/dormant_heads_tiny/version_0"
+    assert (run / "dormant_heads.csv").is_file()
+    with pytest.raises(SystemExit, match="no such file"):
+        cli_main(["validate", "--config", STUDY, "--trainer.logger.init_args.version", "0",
+                  "--data.init_args.tasks", "[mmlu:/no/such/mmlu.jsonl]"])
+    assert (run / "dormant_heads.csv").is_file()
+    assert (tmp_path / "runs/dormant_heads_tiny/latest").resolve() == run
