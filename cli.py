@@ -362,9 +362,14 @@ def _config_path(config: Any, owner: str, field: str, path: str = "") -> str | N
     return None
 
 
+_CALLBACK_GROUPS = {"FiniteCheckpoint": "checkpoint", "NonFiniteGuard": "nonfinite", "LearningRateMonitor": "lr_monitor"}
+
+
 def describe(err: BaseException, config: Any = None) -> str:
     if isinstance(err, ConfigError):
         path = f"trainer.{err.field}" if err.owner == "trainer" else _config_path(config, err.owner, err.field)
+        if path is None and err.owner in _CALLBACK_GROUPS:  # the callbacks this CLI adds under their own keys
+            path = f"{_CALLBACK_GROUPS[err.owner]}.{err.field}"
         message = err.render(path) if path else str(err)
     elif isinstance(err, ArgumentError):
         message = _one_line(str(err))

@@ -78,6 +78,7 @@ CASES = {
     "negative num_workers": (lambda t, c: FIT + ["--data.init_args.num_workers", "-1"], "data.init_args.num_workers=-1"),
     "negative clip": (lambda t, c: FIT + ["--trainer.gradient_clip_val", "-1"], "trainer.gradient_clip_val=-1"),
     "no validation but a monitor": (lambda t, c: FIT + ["--trainer.limit_val_batches", "0"], "trainer.limit_val_batches=0"),
+    "max_skips 0": (lambda t, c: FIT + ["--nonfinite.max_skips", "0"], "nonfinite.max_skips=0: expected ≥ 1"),
     "predict without a predict step": (lambda t, c: ["predict", "--config", MAIN], "MoEPretraining has no predict step"),
     # data
     "empty source": (lambda t, c: FIT + ["--data.init_args.source", ""], "data.source is empty"),
