@@ -67,19 +67,17 @@ class LanternCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
         trainer, monitor = config.trainer, config.checkpoint.monitor
-        max_steps, clip = trainer.max_steps, trainer.gradient_clip_val
-        for field, value, ok, expected in (
-            ("accumulate_grad_batches", trainer.accumulate_grad_batches, lambda v: v >= 1, "≥ 1"),
-            ("val_check_interval", trainer.val_check_interval, lambda v: v > 0, "> 0 (a fraction of an epoch, or batches), or null"),
-            ("limit_train_batches", trainer.limit_train_batches,
-             lambda v: v > 0 or self.subcommand != "fit", "> 0 (a fraction, or batches): fit with no batches trains nothing"),
+        for field, ok, expected in (
+            ("max_steps", lambda v: v == -1 or v > 0, "a positive number of steps, or -1 for no limit"),
+            ("gradient_clip_val", lambda v: v >= 0, "≥ 0 (or null for no clipping)"),
+            ("accumulate_grad_batches", lambda v: v >= 1, "≥ 1"),
+            ("val_check_interval", lambda v: v > 0, "> 0 (a fraction of an epoch, or batches), or null"),
+            ("limit_train_batches", lambda v: v > 0 or self.subcommand != "fit",
+             "> 0 (a fraction, or batches): fit with no batches trains nothing"),
         ):
+            value = trainer.get(field)
             if value is not None and not ok(value):
                 raise ConfigError("trainer", field, value, expected)
-        if max_steps is not None and (max_steps == 0 or max_steps < -1):
-            raise ConfigError("trainer", "max_steps", max_steps, "a positive number of steps, or -1 for no limit")
-        if clip is not None and clip < 0:
-            raise ConfigError("trainer", "gradient_clip_val", clip, "≥ 0 (or null for no clipping)")
         loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
         for logger in loggers:
             logger = logger.as_dict() if hasattr(logger, "as_dict") else logger
