@@ -376,18 +376,21 @@ def describe(err: BaseException, config: Any = None) -> str:
     return " ".join(message.split())
 
 
+class _NoTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in record.getMessage()
+
+
+_NO_TIPS = _NoTips()  # one instance: addFilter ignores a filter it already holds, so repeated calls add nothing
+
+
 def _quiet() -> None:
     """Keep stderr for what matters: no seed notice (config.yaml has it), adverts or upstream deprecations."""
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
-
-    class _NoTips(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            return "Tip:" not in record.getMessage()
-
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        logging.getLogger(name).addFilter(_NoTips())
+        logging.getLogger(name).addFilter(_NO_TIPS)
 
 
 def cli_main(args: list[str] | None = None) -> LanternCLI | None:

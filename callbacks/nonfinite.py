@@ -87,7 +87,7 @@ class FiniteCheckpoint(ModelCheckpoint):
         module = trainer.lightning_module  # local shards under FSDP: the decision is reduced over ranks
         tensors = [*module.parameters(), *module.buffers()]
         for optimizer in trainer.optimizers:
-            for state in optimizer.state_dict()["state"].values():
+            for state in optimizer.state.values():  # the live state: no state_dict copy per save
                 tensors += list(state.values())
         finite = trainer.strategy.reduce_boolean_decision(bool(_all_finite(tensors)), all=True)
         if not finite:
