@@ -18,7 +18,6 @@ Task specs: ``builtin:commonsense`` (shipped, offline), ``mmlu:PATH``, ``piqa:PA
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from lantern.datamodules.text import DataError, TextDataModule, load_hf_dataset, read_lines
+from lantern.datamodules.text import DataError, TextDataModule, load_hf_dataset, read_jsonl
 from lantern.errors import require
 
 TASKS_DIR = Path(__file__).parent / "tasks"
@@ -48,14 +47,7 @@ def _records(location: str) -> list[dict]:
     path = Path(location).expanduser()
     if not path.is_file():
         raise DataError(f"task file {location!r}: no such file")
-    rows = []
-    for lineno, line in read_lines(path):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-    return rows
+    return [record for _, record in read_jsonl(path)]
 
 
 def _field(row: dict, key: str, where: str):

@@ -50,14 +50,19 @@ def read_lines(path: Path) -> Iterator[tuple[int, str]]:
         raise DataError(f"{path}: cannot be read ({err.strerror})") from None
 
 
-def _read_jsonl(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
+def read_jsonl(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, record) of a JSONL file, blank lines skipped; a bad line fails naming it."""
     for lineno, line in read_lines(path):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            yield lineno, json.loads(line)
         except json.JSONDecodeError as err:
             raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+
+
+def _read_jsonl(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
+    for lineno, record in read_jsonl(path):
         if not isinstance(record, dict) or text_field not in record:
             keys = sorted(record) if isinstance(record, dict) else type(record).__name__
             raise DataError(f"{path}:{lineno}: no field {text_field!r} (found {keys}); set data.text_field")
@@ -149,6 +154,17 @@ class ResumableSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples - self._skip()
+
+
+def resumable_sampler(trainer, dataset: Dataset, batch_size: int, seed: int) -> ResumableSampler:
+    """A seeded sampler; when the trainer resumed part-way into an epoch, it skips the batches already consumed."""
+    world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+    sampler = ResumableSampler(dataset, world, rank, seed)
+    if trainer is not None and trainer.global_step > 0:
+        per_epoch = math.ceil(sampler.num_samples / batch_size)
+        done = trainer.global_step * trainer.accumulate_grad_batches - trainer.current_epoch * per_epoch
+        sampler.resume_at(trainer.current_epoch, max(done, 0) * batch_size)
+    return sampler
 
 
 class TextDataModule(L.LightningDataModule):
@@ -319,15 +335,7 @@ class TextDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ loaders
     def train_dataloader(self) -> DataLoader:
-        trainer = self.trainer
-        world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
-        sampler = ResumableSampler(self.train_set, world, rank, self.seed)
-        if trainer is not None and trainer.global_step > 0:
-            # Resuming: skip the batches of this epoch that the checkpointed run consumed.
-            per_epoch = math.ceil(sampler.num_samples / self.batch_size)
-            done = trainer.global_step * trainer.accumulate_grad_batches - trainer.current_epoch * per_epoch
-            sampler.resume_at(trainer.current_epoch, max(done, 0) * self.batch_size)
-        return self._loader(self.train_set, sampler)
+        return self._loader(self.train_set, resumable_sampler(self.trainer, self.train_set, self.batch_size, self.seed))
 
     def val_dataloader(self) -> DataLoader:
         trainer = self.trainer

@@ -49,12 +49,16 @@ class AdamW:
         """Plain values for hyperparameters (checkpoints stay loadable with ``weights_only=True``)."""
         return {**asdict(self), "betas": list(self.betas)}
 
-    def configure(self, module: nn.Module, total_steps: int) -> dict:
-        """What ``configure_optimizers`` returns: the optimizer and a per-step schedule."""
+    def configure(self, module: nn.Module, total_steps: int, decay_all: bool = False) -> dict:
+        """What ``configure_optimizers`` returns: the optimizer and a per-step schedule.
+
+        ``decay_all`` decays every trainable tensor (adapters: LoRI-S keeps its sparse B as a vector).
+        """
         params = [p for p in module.parameters() if p.requires_grad]
+        decay = [decay_all or p.ndim >= 2 for p in params]
         groups = [
-            {"params": [p for p in params if p.ndim >= 2], "weight_decay": self.weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+            {"params": [p for p, d in zip(params, decay) if d], "weight_decay": self.weight_decay},
+            {"params": [p for p, d in zip(params, decay) if not d], "weight_decay": 0.0},
         ]
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr, betas=tuple(self.betas), eps=self.eps)
         schedule = torch.optim.lr_scheduler.LambdaLR(

@@ -1,5 +1,6 @@
 """Plain ``nn.Module`` architectures and model loading, apart from the Lightning glue."""
 
+from lantern.models.generation import Generated, Sampling, generate, render_prompt
 from lantern.models.adapters import ArchAdapter, UnsupportedArchitecture, get_adapter
 from lantern.models.loading import DEFAULT_MODEL, ByteTokenizer, ModelLoadError, load_model, load_tokenizer
 from lantern.models.moe import MoEFeedForward, MoETransformer
@@ -10,5 +11,5 @@ from lantern.models.scoring import (
 __all__ = [
     "ArchAdapter", "ByteTokenizer", "DEFAULT_MODEL", "ModelLoadError", "MoEFeedForward", "MoETransformer",
     "UnsupportedArchitecture", "get_adapter", "load_model", "load_tokenizer",
-    "CompletionLogprobs", "MultipleChoice", "completion_logprobs", "multiple_choice", "position_ids", "token_logprobs",
+    "CompletionLogprobs", "Generated", "MultipleChoice", "Sampling", "generate", "render_prompt", "completion_logprobs", "multiple_choice", "position_ids", "token_logprobs",
 ]

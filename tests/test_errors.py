@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MAIN = str(ROOT / "configs/default_moe/tiny.yaml")
 DEBUG = str(ROOT / "configs/debug/tiny.yaml")
 STUDY = str(ROOT / "configs/dormant_heads/tiny.yaml")
+LORI = ["fit", "--config", str(ROOT / "configs/lori/tiny.yaml")]
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +132,18 @@ CASES = {
                  "trainer.callbacks[0].init_args.sites=[]"),
     "top_k beyond the sequence": (lambda t, c: ["validate", "--config", STUDY, "--config", _callbacks(t, "class_path: lantern.callbacks.SinkMeasurement\n      init_args: {top_k: 5000}")],
                                   "top_k=5000"),
+    # adapters and instruction data
+    "LoRI-S without a LoRI-D run": (lambda t, c: LORI + ["--model.init_args.variant", "lori_s"],
+                                    "model.init_args.mask_from=None: expected the adapter directory of a LoRI-D run"),
+    "adapter folder that is not there": (lambda t, c: LORI + ["--model.init_args.init_from", str(t / "none")], "model.init_args.init_from='{t}/none'"),
+    "sparsity 1": (lambda t, c: LORI + ["--model.init_args.sparsity", "1.0"], "model.init_args.sparsity=1.0"),
+    "rank 0": (lambda t, c: LORI + ["--model.init_args.rank", "0"], "model.init_args.rank=0"),
+    "projection the model lacks": (lambda t, c: LORI + ["--model.init_args.target_modules", "[qkv]"],
+                                   "model.init_args.target_modules=['qkv']: expected projection names"),
+    "missing pairs file": (lambda t, c: LORI + ["--data.init_args.train", str(t / "pairs.jsonl")], "{t}/pairs.jsonl"),
+    "pairs without a response": (lambda t, c: LORI + ["--data.init_args.train", _write(t / "p.jsonl", '{"prompt": "hi"}\n')], "p.jsonl:1"),
+    "unknown evaluation task": (lambda t, c: LORI + ["--data.init_args.eval_tasks", "[poetry]"], "poetry"),
+    "pair longer than max_length": (lambda t, c: LORI + ["--data.init_args.overlong", "error", "--data.init_args.max_length", "16"], "max_length"),
 }
 
 

@@ -90,3 +90,22 @@ def test_multiple_choice_picks_the_most_likely_choice_of_each_item():
     assert mc.log_probs.shape == (2, 3) and mc.log_probs[1, 2] == float("-inf")
     torch.testing.assert_close(mc.log_probs.exp().sum(-1), torch.ones(2))
     assert multiple_choice(lls, item).loss is None
+
+
+def test_scoring_only_the_completion_positions_equals_the_full_logits_and_trains_an_adapter():
+    from peft import LoraConfig, get_peft_model
+
+    from lantern.models import CompletionLogprobs
+
+    model = get_peft_model(load_model("tiny-llama", seed=0), LoraConfig(r=4, target_modules=["q_proj", "down_proj"]))
+    ids, attention, completion = _batch(_rows(), "left")
+    fast = completion_logprobs(model, ids, attention, completion)
+    from lantern.models.scoring import position_ids
+
+    logits = model(input_ids=ids, attention_mask=attention, position_ids=position_ids(attention)).logits
+    full = CompletionLogprobs.from_logits(logits, ids, completion.bool() & attention.bool())
+    torch.testing.assert_close(fast.tokens, full.tokens, atol=1e-5, rtol=1e-5)
+    assert torch.equal(fast.mask, full.mask)
+    fast.sum.sum().backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]  # B starts at zero, so A gets none yet
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
