@@ -90,8 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
         for variant in VARIANTS:
             more = ["--model.init_args.variant", variant, "--model.init_args.init_from", adapters[variant]["safety"],
                     "--data.init_args.train", f"task:{task}", "--data.init_args.eval_tasks", json.dumps(["safety", task])]
-            if variant == "lori_s":
-                more += ["--model.init_args.mask_from", adapters["lori_d"][task]]
+            more += ["--model.init_args.mask_from", adapters["lori_d"][task] if variant == "lori_s" else "null"]
             name = f"lori_continual_{variant}_{task}"
             fit(name, f"{ROOT}/configs/lori/continual.yaml", *more)
             continual[variant] = {r["task"]: r for r in _read(_latest(runs, name) / "adapter_eval.json")}

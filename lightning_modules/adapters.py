@@ -40,7 +40,8 @@ from lantern.models.loading import load_tokenizer
 from lantern.models import lori
 
 Variant = Literal["lora", "lori_d", "lori_s"]
-SEVEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SEVEN = lori.SEVEN
+BASE_SEED = 0  # tiny test models are random: every adapter of a study sits on the same base
 
 
 class TaskEvaluation:
@@ -139,13 +140,12 @@ class AdapterFineTuning(TaskEvaluation, L.LightningModule):
         self.optim = optim
         self.tokenizer_name = model_name
         self.tokenizer = load_tokenizer(model_name)
-        base = load_model(model_name, seed=a_seed)
+        base = load_model(model_name, seed=BASE_SEED)
         present = {n.rsplit(".", 1)[-1] for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
         missing = [t for t in target_modules if t not in present]
         if missing:
             raise ConfigError(self, "target_modules", list(target_modules),
                               f"projection names of {model_name} (it has no {missing[0]!r}; it has {sorted(present)})")
-        self.masks = None
         if variant == "lora":
             self.model = self._peft_lora(base)
         else:
@@ -168,17 +168,27 @@ class AdapterFineTuning(TaskEvaluation, L.LightningModule):
         hp = self.hparams
         init = masks = None
         if hp.init_from:
-            factors, init_masks, _ = lori.load_factors(hp.init_from)
+            factors = self._adapter("init_from", hp.init_from)
             init = {name: (f.A, f.B) for name, f in factors.items()}
         if hp.variant == "lori_s":
-            donor, _, _ = lori.load_factors(hp.mask_from)
+            donor = self._adapter("mask_from", hp.mask_from, "lori-d")
             masks = lori.magnitude_masks({n: f.B for n, f in donor.items()}, hp.sparsity, hp.mask_scope)
             if init is None:  # LoRI-S reuses its LoRI-D run's A; B restarts at zero
                 init = {name: (f.A, torch.zeros_like(f.B)) for name, f in donor.items()}
-        self.masks = masks
         lori.add_lori(base, rank=hp.rank, alpha=hp.alpha, target_modules=list(hp.target_modules), seed=hp.a_seed,
                       masks=masks, init=init)
         return base
+
+    def _adapter(self, field: str, path: str, variant: str | None = None) -> dict[str, lori.Factors]:
+        """An earlier run's adapter, checked to fit this one (same α/r; for a mask, a LoRI-D run)."""
+        factors, _, meta = lori.load_factors(path)
+        scale = self.hparams.alpha / self.hparams.rank
+        if any(abs(f.scale - scale) > 1e-6 * scale for f in factors.values()):
+            raise ConfigError(self, field, path, f"an adapter with α/r = {scale:g} like this run's (it has {next(iter(factors.values())).scale:g})")
+        found = str(meta.get("variant", "")).replace("_", "-")
+        if variant is not None and found != variant:
+            raise ConfigError(self, field, path, f"a {variant.upper()} adapter (this one is {found or 'unlabelled'})")
+        return factors
 
     def _adapter_state(self) -> dict[str, torch.Tensor]:
         """The tensors a checkpoint needs: trainable ones and the adapters' buffers (A, mask indices)."""
@@ -265,15 +275,20 @@ class AdapterFineTuning(TaskEvaluation, L.LightningModule):
     def export(self, directory: Path) -> Path:
         """A standard peft LoRA adapter directory (LoRI-S: its mask beside it)."""
         hp = self.hparams
+        layers = lori.lori_layers(self.model)
+        sparse = any(layer.sparse for layer in layers.values())
+        masks = {name: layer.mask for name, layer in layers.items()} if sparse else None  # what was trained, not recomputed
+        seeded = hp.variant != "lora" and all(layer.seed is not None for layer in layers.values())
         lori.export_peft(lori.lora_factors(self.model), directory, base_model_name_or_path=hp.model_name,
-                         rank=hp.rank, alpha=hp.alpha, target_modules=list(hp.target_modules), masks=self.masks,
-                         meta={"variant": hp.variant, "seed": hp.a_seed, "sparsity": hp.sparsity if self.masks else 0.0,
-                               "mask_scope": hp.mask_scope, "init_from": hp.init_from, "mask_from": hp.mask_from})
+                         rank=hp.rank, alpha=hp.alpha, target_modules=list(hp.target_modules), masks=masks,
+                         variant=hp.variant, seed=hp.a_seed if seeded else None,
+                         meta={"mask_scope": hp.mask_scope, "init_from": hp.init_from, "mask_from": hp.mask_from,
+                               "base_seed": BASE_SEED})
         return directory
 
     def merged_model(self):
         """The base model with ΔW folded in (peft's ``merge_and_unload``), a fresh copy."""
-        return lori.merged_model(load_model(self.hparams.model_name), lori.lora_factors(self.model))
+        return lori.merged_model(load_model(self.hparams.model_name, seed=BASE_SEED), lori.lora_factors(self.model))
 
 
 class AdapterMerge(TaskEvaluation, L.LightningModule):
@@ -308,7 +323,7 @@ class AdapterMerge(TaskEvaluation, L.LightningModule):
         self.save_hyperparameters()
         self.tokenizer_name = model_name
         self.tokenizer = load_tokenizer(model_name)
-        self.model = load_model(model_name)
+        self.model = load_model(model_name, seed=BASE_SEED)
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.factors = {v: {t: lori.load_factors(p)[0] for t, p in per_task.items()} for v, per_task in adapters.items()}

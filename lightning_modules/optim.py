@@ -22,7 +22,7 @@ class AdamW:
 
     Args:
         lr: peak learning rate.
-        weight_decay: decoupled weight decay on parameters with ≥ 2 dimensions.
+        weight_decay: decoupled weight decay on parameters with ≥ 2 dimensions (all, with ``configure(decay_all=True)``).
         betas: Adam's (β1, β2).
         eps: Adam's ε.
         warmup_steps: linear warm-up from lr/warmup_steps to lr.

@@ -69,7 +69,9 @@ def completion_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mas
     scored = completion_mask.bool() & attention_mask.bool()
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the model
-    decoder, head = _decoder(base), base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    plain = getattr(getattr(base, "config", None), "model_type", None) in PLAIN_HEAD
+    decoder = _decoder(base) if plain else None
+    head = base.get_output_embeddings() if decoder is not None else None
     if decoder is None or head is None:
         return CompletionLogprobs.from_logits(model(**kwargs).logits, input_ids, scored)
     hidden = decoder(**kwargs).last_hidden_state
@@ -81,6 +83,11 @@ def completion_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mas
     picked = token_logprobs(logits.unsqueeze(0), input_ids[:, 1:][mask].unsqueeze(0)).squeeze(0)
     tokens = torch.zeros(mask.shape, dtype=picked.dtype, device=picked.device).masked_scatter(mask, picked)
     return CompletionLogprobs(tokens, mask)
+
+
+# Families whose logits are exactly ``lm_head(decoder(...))`` (Gemma: then soft-capped); others (a
+# logit scale, extra heads) take the full forward.
+PLAIN_HEAD = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma3_text", "olmo2", "phi3", "gpt2"})
 
 
 def _decoder(model: nn.Module) -> nn.Module | None:

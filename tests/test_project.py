@@ -26,16 +26,18 @@ def test_ci_runs_the_readme_quickstart_commands():
 @pytest.mark.parametrize(
     "script, extra, names",
     [
-        ("moe_overhead.py", [], ["default_vs_topk_step", "moe_vs_dense_layer"]),
-        ("hook_overhead.py", ["--model", "tiny-llama"], ["activation_cache_forward", "head_ablation_forward"]),
+        ("moe_overhead.py", ["--repeats", "1"], ["default_vs_topk_step", "moe_vs_dense_layer"]),
+        ("hook_overhead.py", ["--repeats", "1", "--model", "tiny-llama"], ["activation_cache_forward", "head_ablation_forward"]),
+        ("lori_efficiency.py", ["--warmup", "1", "--model", "tiny-llama"], ["lori_params", "lori_optimizer_state", "lori_step_time"]),
     ],
 )
 def test_benchmarks_print_their_ratios(script, extra, names):
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--steps", "1", "--repeats", "1", *extra],
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--steps", "1", *extra],
                           capture_output=True, text=True, timeout=300, check=True)
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [r["benchmark"] for r in rows] == names
-    assert all(r["ratio"] > 0 for r in rows)
+    ratios = [v for r in rows for k, v in r.items() if k == "ratio" or (k.endswith("_ratio") and "formula" not in k)]
+    assert ratios and all(v > 0 for v in ratios)
 
 
 @pytest.mark.slow

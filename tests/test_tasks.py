@@ -78,7 +78,8 @@ def test_code_task_scores_its_reference_and_rejects_a_wrong_reply():
     exs = task.examples("test", 6)
     assert len(task.examples("test")) == 40 and all(e.target["tests"].count("assert") == 4 for e in exs)
     assert task.examples("test", 6) == exs
-    assert not {e.prompt for e in exs} & {e.prompt for e in task.examples("train", 500)}
+    unnamed = lambda e: e.prompt.replace(e.target["entry_point"], "f")  # noqa: E731 — a renamed problem is the same problem
+    assert not {unnamed(e) for e in task.examples("test")} & {unnamed(e) for e in task.examples("train", 400)}
     name = exs[0].target["entry_point"]
     texts = [f"Here you go:\n{e.response}\nDone." for e in exs]
     texts[0] = f"```python\ndef {name}(*args):\n    return None\n```"
