@@ -43,8 +43,8 @@ def _cell(value: Any) -> str:
 
 
 def markdown_table(rows: Sequence[dict]) -> str:
-    """One line per row under a header of the first row's keys; floats to 4 significant digits."""
-    head = list(rows[0])
+    """One line per row under a header of every row's keys; floats to 4 significant digits."""
+    head = list(dict.fromkeys(k for r in rows for k in r))
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     lines += ["| " + " | ".join(_cell(r.get(h, "")) for h in head) + " |" for r in rows]
     return "\n".join(lines) + "\n"
@@ -74,7 +74,8 @@ def write_table(trainer: L.Trainer, rows: Sequence[dict], name: str, tag: str, *
     text = markdown if markdown is not None else markdown_table(rows)
     out.mkdir(parents=True, exist_ok=True)
     with (out / f"{name}.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        fields = list(dict.fromkeys(k for r in rows for k in r))  # rows may differ (a task's own metrics)
+        writer = csv.DictWriter(fh, fieldnames=fields, restval="")
         writer.writeheader()
         writer.writerows(rows)
     (out / f"{name}.md").write_text(text)
