@@ -84,3 +84,13 @@ def test_nothing_is_written_off_rank_zero_and_nothing_breaks_without_a_logger(tm
     reporting.write_figure(trainer, reporting.heatmap([[0.5]], "one"), "study/heatmap", "one")
     assert not other.exists() and reporting.pyplot().get_fignums() == []
 
+
+
+def test_rows_with_their_own_columns_share_one_header(tmp_path):
+    trainer = _trainer(tmp_path, logger=False)
+    rows = [{"task": "math", "score": 50.0}, {"task": "nlu", "score": 40.0, "topic": 45.0}]
+    reporting.write_table(trainer, rows, "eval", "eval/table")
+    with (tmp_path / "eval.csv").open(newline="") as fh:
+        assert list(csv.DictReader(fh)) == [{"task": "math", "score": "50.0", "topic": ""},
+                                            {"task": "nlu", "score": "40.0", "topic": "45.0"}]
+    assert (tmp_path / "eval.md").read_text().splitlines()[0] == "| task | score | topic |"
