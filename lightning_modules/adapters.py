@@ -187,7 +187,7 @@ class AdapterFineTuning(TaskEvaluation, L.LightningModule):
             raise ConfigError(self, field, path, f"an adapter with α/r = {scale:g} like this run's (it has {next(iter(factors.values())).scale:g})")
         found = str(meta.get("variant", "")).replace("_", "-")
         if variant is not None and found != variant:
-            raise ConfigError(self, field, path, f"a {variant.upper()} adapter (this one is {found or 'unlabelled'})")
+            raise ConfigError(self, field, path, f"a {variant} adapter (this one is {found or 'unlabelled'})")
         return factors
 
     def _adapter_state(self) -> dict[str, torch.Tensor]:
