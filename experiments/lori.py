@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from lantern.reporting import markdown_table
+
 TASKS = ("math", "code", "nlu", "safety")
 VARIANTS = ("lora", "lori_d", "lori_s")
 ROOT = Path(__file__).resolve().parent.parent  # the checkout: configs/ and cli.py live here
@@ -107,37 +109,31 @@ def report(runs: Path, adapters: dict, continual: dict, continual_task: str, sec
                 if r["task"] == task:
                     scores.setdefault((variant, "single", task), r)
     tasks = sorted({r["task"] for r in merge["scores"]})
-    lines = ["# LoRI on the embedded model", "",
-             "Scores in % on each task's held-out split (math, code, NLU: exact-match accuracy; safety: refusal rate "
-             "on harmful prompts, with over-refusal on benign prompts in brackets).", "",
-             "## Single-task adapters and merged models", "",
-             "| variant | model | " + " | ".join(tasks) + " |", "| --- | --- |" + " --- |" * len(tasks)]
 
-    def cell(key):
-        r = scores.get(key)
-        if r is None:
+    def cell(r: dict | None) -> str:
+        if not r:
             return ""
         return f"{r['score']:.1f}" + (f" ({r['over_refusal']:.1f})" if "over_refusal" in r else "")
 
-    lines.append("| base | — | " + " | ".join(cell(("base", "base", t)) for t in tasks) + " |")
-    for variant in adapters:
-        for config in ("single", "merged_concat", "merged_linear"):
-            if any((variant, config, t) in scores for t in tasks):
-                lines.append(f"| {variant} | {config} | " + " | ".join(cell((variant, config, t)) for t in tasks) + " |")
+    keys = [("base", "base")] + [(v, c) for v in adapters for c in ("single", "merged_concat", "merged_linear")]
+    table = [{"variant": v, "model": c, **{t: cell(scores.get((v, c, t))) for t in tasks}}
+             for v, c in keys if any((v, c, t) in scores for t in tasks)]
+    lines = ["# LoRI on the embedded model", "",
+             "Scores in % on each task's held-out split (math, code, NLU: exact-match accuracy; safety: refusal rate "
+             "on harmful prompts, with over-refusal on benign prompts in brackets).", "",
+             "## Single-task adapters and merged models", "", markdown_table(table)]
     if merge.get("overlap"):
-        lines += ["", "## Interference: overlap of the adapters' update subspaces", "",
+        lines += ["## Interference: overlap of the adapters' update subspaces", "",
                   "Mean cos² of the principal angles between the column spaces of two tasks' ΔW (1 = the same "
-                  "subspace), averaged over modules.", "", "| variant | pair | overlap |", "| --- | --- | --- |"]
-        lines += [f"| {o['variant']} | {o['pair']} | {o['subspace_overlap']:.4f} |" for o in merge["overlap"]]
+                  "subspace), averaged over modules.", "",
+                  markdown_table([{"variant": o["variant"], "pair": o["pair"], "overlap": f"{o['subspace_overlap']:.4f}"}
+                                  for o in merge["overlap"]])]
     if continual:
-        lines += ["", f"## Continual learning: safety, then {continual_task}", "",
-                  f"| variant | safety refusal % (over-refusal) | {continual_task} % |", "| --- | --- | --- |"]
-        for variant, rows in continual.items():
-            s, t = rows.get("safety", {}), rows.get(continual_task, {})
-            lines.append(f"| {variant} | {s.get('score', float('nan')):.1f} ({s.get('over_refusal', float('nan')):.1f}) "
-                         f"| {t.get('score', float('nan')):.1f} |")
+        lines += [f"## Continual learning: safety, then {continual_task}", "",
+                  markdown_table([{"variant": v, "safety refusal % (over-refusal)": cell(rows.get("safety")),
+                                   f"{continual_task} %": cell(rows.get(continual_task))} for v, rows in continual.items()])]
     if seconds:
-        lines += ["", "Wall-clock seconds of the runs made this time: "
+        lines += ["Wall-clock seconds of the runs made this time: "
                   + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()) + "."]
     out = runs / "lori"
     out.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,6 @@ directory, the LoRI-S mask beside it); ``export_merged`` also writes the merged 
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from lantern import reporting
-from lantern.datamodules.tasks import Example, get_task
+from lantern.datamodules.tasks import Example
 from lantern.errors import ConfigError, require
 from lantern.lightning_modules.optim import AdamW, total_steps
 from lantern.models import completion_logprobs, load_model
@@ -40,7 +39,6 @@ from lantern.models.loading import load_tokenizer
 from lantern.models import lori
 
 Variant = Literal["lora", "lori_d", "lori_s"]
-SEVEN = lori.SEVEN
 BASE_SEED = 0  # tiny test models are random: every adapter of a study sits on the same base
 
 
@@ -58,14 +56,13 @@ class TaskEvaluation:
 
     def _answer(self, model, batch: dict, key: tuple) -> None:
         dm = self.trainer.datamodule
-        task = get_task(batch["task"])
+        task = dm.tasks[batch["task"]]
         examples: list[Example] = batch["examples"]
-        start = time.perf_counter()
         out = generate(model, self.tokenizer, [e.prompt for e in examples],
                        Sampling(max_new_tokens=task.max_new_tokens, stop=tuple(task.stop)),
                        chat=dm.chat, system=dm.system, batch_size=len(examples))
-        self._eval_seconds += time.perf_counter() - start
-        self._eval_tokens += sum(len(t) for t in out.tokens)
+        self._eval_seconds += out.seconds
+        self._eval_tokens += out.num_tokens
         self._answers[(*key, batch["task"])] += list(zip(examples, out.text))
 
     def _scores(self) -> list[dict]:
@@ -82,7 +79,7 @@ class TaskEvaluation:
         for key, pairs in sorted(answers.items()):
             unique = {e.id: (e, t) for e, t in pairs}  # a distributed sampler pads with repeats
             examples, texts = zip(*unique.values())
-            result = get_task(key[-1]).score(list(examples), list(texts))
+            result = self.trainer.datamodule.tasks[key[-1]].score(list(examples), list(texts))
             rows.append({"key": key, "n": len(examples), **result.metrics})
         return rows
 
@@ -94,7 +91,7 @@ class AdapterFineTuning(TaskEvaluation, L.LightningModule):
         variant: Variant = "lori_d",
         rank: int = 32,
         alpha: float = 64.0,
-        target_modules: list[str] = SEVEN,
+        target_modules: list[str] = lori.SEVEN,
         a_seed: int = 0,
         sparsity: float = 0.9,
         mask_scope: Literal["global", "layer", "module"] = "global",
@@ -351,7 +348,7 @@ class AdapterMerge(TaskEvaluation, L.LightningModule):
         return out
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        task = get_task(batch["task"]).name
+        task = self.trainer.datamodule.tasks[batch["task"]].name
         for key, method, adapters, weights, tasks in self.configs:
             if tasks is not None and task not in tasks:
                 continue
@@ -393,13 +390,10 @@ class AdapterMerge(TaskEvaluation, L.LightningModule):
 @contextmanager
 def deltas_applied(model: torch.nn.Module, deltas: dict[str, torch.Tensor]):
     """ΔW folded into the named Linear weights for the duration; the originals come back bit-exact."""
-    saved = {}
+    saved = {name: model.get_submodule(name).weight.detach().clone() for name in deltas}
     try:
         with torch.no_grad():
-            for name, delta in deltas.items():
-                weight = model.get_submodule(name).weight
-                saved[name] = weight.detach().clone()
-                weight.add_(delta.to(weight.dtype))
+            lori.apply_deltas(model, deltas)
         yield model
     finally:
         with torch.no_grad():
