@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,6 +28,12 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def say(trainer: L.Trainer | None, message: str) -> None:
+    """One ``lantern:`` line on stderr, from rank zero only (or always, outside a Trainer)."""
+    if trainer is None or trainer.is_global_zero:
+        print(f"lantern: {message}", file=sys.stderr)
 
 
 def run_dir(trainer: L.Trainer) -> Path:

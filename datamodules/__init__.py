@@ -1,8 +1,10 @@
 """LightningDataModules; importing this package registers them with the CLI."""
 
+from lantern.datamodules.eval_awareness import EvalAwarenessData
 from lantern.datamodules.eval_tasks import EvalTasksDataModule
 from lantern.datamodules.instruction import InstructionDataModule
+from lantern.datamodules.problems import ReasoningProblems
 from lantern.datamodules.text import DataError, TextDataModule
 from lantern.datamodules.vdit_prompts import VDiTPromptPairs
 
-__all__ = ["DataError", "EvalTasksDataModule", "InstructionDataModule", "TextDataModule", "VDiTPromptPairs"]
+__all__ = ["DataError", "EvalAwarenessData", "EvalTasksDataModule", "InstructionDataModule", "ReasoningProblems", "TextDataModule", "VDiTPromptPairs"]

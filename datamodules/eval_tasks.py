@@ -25,7 +25,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from lantern.datamodules.text import DataError, TextDataModule, load_hf_dataset, read_jsonl
+from lantern.datamodules.text import DataError, TextDataModule, hf_spec, load_hf_dataset, read_jsonl
 from lantern.errors import require
 
 TASKS_DIR = Path(__file__).parent / "tasks"
@@ -41,9 +41,8 @@ class MCItem:
 
 def _records(location: str) -> list[dict]:
     if location.startswith("hf:"):
-        name, config, split = (location[3:].split(":") + [None, None])[:3]
         # validation by default: several benchmarks hide their test labels ("" or -1)
-        return list(load_hf_dataset(f"task source {location!r}", name, config, split or "validation"))
+        return list(load_hf_dataset(f"task source {location!r}", *hf_spec(location, "validation")))
     path = Path(location).expanduser()
     if not path.is_file():
         raise DataError(f"task file {location!r}: no such file")

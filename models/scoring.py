@@ -70,7 +70,7 @@ def completion_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mas
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the model
     plain = getattr(getattr(base, "config", None), "model_type", None) in PLAIN_HEAD
-    decoder = _decoder(base) if plain else None
+    decoder = decoder_body(base) if plain else None
     head = base.get_output_embeddings() if decoder is not None else None
     if decoder is None or head is None:
         return CompletionLogprobs.from_logits(model(**kwargs).logits, input_ids, scored)
@@ -90,7 +90,7 @@ def completion_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mas
 PLAIN_HEAD = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma3_text", "olmo2", "phi3", "gpt2"})
 
 
-def _decoder(model: nn.Module) -> nn.Module | None:
+def decoder_body(model: nn.Module) -> nn.Module | None:
     """The model without its output layer (``LlamaModel`` of ``LlamaForCausalLM``), where it has one."""
     get = getattr(model, "get_decoder", None)
     try:

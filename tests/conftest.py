@@ -35,3 +35,28 @@ def corpus(tmp_path):
         line = " ".join(words[(i + j) % len(words)] for j in range(60))
         (root / f"doc{i:02d}.txt").write_text(f"Document {i}.\n" + (line + "\n") * 4)
     return root
+
+
+def peaked(model):
+    """A random tiny model's logits are nearly uniform (float noise between padded and unpadded runs
+    could flip argmax ties), and scaling its tied embedding only makes it echo its input. An untied
+    N(0, 1) output projection gives varied text with the top token at ~0.75 probability."""
+    head = model.get_output_embeddings()
+    head.weight = torch.nn.Parameter(torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(0)))
+    return model
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The byte-level tokenizer of the tiny models."""
+    from lantern.models import load_tokenizer
+
+    return load_tokenizer("byte")
+
+
+@pytest.fixture(scope="module")
+def llama():
+    """A tiny Llama whose greedy choices are clear-cut (``peaked``)."""
+    from lantern.models import load_model
+
+    return peaked(load_model("tiny-llama", seed=0))

@@ -5,33 +5,16 @@ from lantern.errors import ConfigError, LanternError
 from lantern.models import completion_logprobs, get_adapter, load_model, load_tokenizer
 from lantern.models.generation import Generated, Sampling, generate, render_prompt
 
+from conftest import peaked
+
 PROMPTS = ["the quick brown fox", "a", "hello there, how are you?", "xyz", "jumps over the lazy dog"]
 TINY = ["tiny-llama", "tiny-qwen2", "tiny-gpt2"]
-
-
-def peaked(model):
-    """A random tiny model's logits are nearly uniform (float noise between padded and unpadded runs
-    could flip argmax ties), and scaling its tied embedding only makes it echo its input. An untied
-    N(0, 1) output projection gives varied text with the top token at ~0.75 probability."""
-    head = model.get_output_embeddings()
-    head.weight = torch.nn.Parameter(torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(0)))
-    return model
 
 
 def reference(model, tok, prompt: str, max_new_tokens: int, chat: bool = False) -> list[int]:
     ids = torch.tensor(tok.encode_batch([render_prompt(tok, prompt, chat=chat)]))
     out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tok.eos_token_id)
     return out[0, ids.shape[1]:].tolist()
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("byte")
-
-
-@pytest.fixture(scope="module")
-def llama():
-    return peaked(load_model("tiny-llama", seed=0))
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -121,7 +104,7 @@ def test_hook_sees_every_step_and_can_steer(llama, tok):
     calls = []
 
     def record(hidden, step):
-        calls.append((step, tuple(hidden.shape)))
+        calls.append((step.index, tuple(hidden.shape)))
 
     base = generate(llama, tok, PROMPTS[:3], Sampling(max_new_tokens=5), chat=False, batch_size=3)
     out = generate(llama, tok, PROMPTS[:3], Sampling(max_new_tokens=5), chat=False, batch_size=3,
@@ -163,12 +146,12 @@ def test_hook_is_removed_and_mode_restored_after_an_error(llama, tok):
 def test_hook_accepts_hidden_states_as_keyword():
     from lantern.models.generation import _HookState, _pre_hook
 
-    hook = _pre_hook(lambda h, step: h + step, _HookState())
+    hook = _pre_hook(lambda h, step: h + 1, _HookState())
     hidden, other = torch.zeros(1, 2, 3), torch.ones(1)
     args, kwargs = hook(None, (), {"hidden_states": hidden, "mask": other})
-    assert args == () and torch.equal(kwargs["hidden_states"], hidden) and kwargs["mask"] is other
+    assert args == () and torch.equal(kwargs["hidden_states"], hidden + 1) and kwargs["mask"] is other
     args, kwargs = hook(None, (hidden, other), {})
-    assert torch.equal(args[0], hidden) and args[1] is other
+    assert torch.equal(args[0], hidden + 1) and args[1] is other
 
 
 def test_peft_wrapped_model_generates_like_its_base(llama, tok):
@@ -178,7 +161,7 @@ def test_peft_wrapped_model_generates_like_its_base(llama, tok):
     base = generate(llama, tok, PROMPTS[:3], Sampling(max_new_tokens=6), chat=False)
     calls = []
     out = generate(wrapped, tok, PROMPTS[:3], Sampling(max_new_tokens=6), chat=False,
-                   hook=lambda h, s: calls.append(s), hook_layer=1)
+                   hook=lambda h, s: calls.append(s.index), hook_layer=1)
     assert out.tokens == base.tokens and calls == list(range(6))
 
 

@@ -29,6 +29,8 @@ def test_ci_runs_the_readme_quickstart_commands():
         ("moe_overhead.py", ["--repeats", "1"], ["default_vs_topk_step", "moe_vs_dense_layer"]),
         ("hook_overhead.py", ["--repeats", "1", "--model", "tiny-llama"], ["activation_cache_forward", "head_ablation_forward"]),
         ("lori_efficiency.py", ["--warmup", "1", "--model", "tiny-llama"], ["lori_params", "lori_optimizer_state", "lori_step_time"]),
+        ("als_speed.py", ["--model", "tiny-llama", "--problems", "4", "--max-new-tokens", "8", "--latent-steps", "1"],
+         ["als_time_per_token", "latent_seek_time_per_problem"]),
     ],
 )
 def test_benchmarks_print_their_ratios(script, extra, names):
