@@ -1,7 +1,7 @@
 """Supervised instruction tuning data: (prompt, response) pairs in, loss on the response only.
 
 Training pairs come from a task (``task:math``), a ``.jsonl`` file or ``hf:NAME[:CONFIG[:SPLIT]]``.
-Each prompt is rendered exactly as generation renders it (``render_prompt``), so what the model
+Each prompt is rendered and encoded exactly as generation does it (``encode_prompts``), so what the model
 learns to answer is what it is later asked. Validation yields the raw ``Example``s of each eval
 task, for the module to generate replies and score them with the task's own scorer.
 """
@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from lantern.datamodules.tasks import Example, Task, get_task
 from lantern.datamodules.text import hf_spec, load_hf_dataset, read_jsonl, resumable_sampler
 from lantern.errors import ConfigError, DataError, require
-from lantern.models.generation import render_prompt
+from lantern.models.generation import encode_prompts
 from lantern.models.loading import TextTokenizer, load_tokenizer
 from lantern.reporting import say
 
@@ -201,7 +201,7 @@ class InstructionDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ tokenising
     def encode_pairs(self, pairs: list[tuple[str, str, str]]) -> list[tuple[list[int], list[int]]]:
         tok = self.tokenizer
-        prompts = tok.encode_batch([render_prompt(tok, p, self.system, self.chat) for _, p, _ in pairs])
+        prompts = encode_prompts(tok, [p for _, p, _ in pairs], self.system, self.chat)
         responses = tok.encode_batch([r for _, _, r in pairs])
         rows, truncated = [], 0
         for (where, _, _), p_ids, r_ids in zip(pairs, prompts, responses):

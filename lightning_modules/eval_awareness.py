@@ -55,6 +55,7 @@ from lantern.errors import ConfigError, DataError, LanternError, ModelLoadError,
 from lantern.metrics import auroc, bootstrap_ci, power_law_fit
 from lantern.models import UnsupportedArchitecture, get_adapter, load_model, load_tokenizer, render_prompt
 from lantern.models.loading import TINY_CONFIGS
+from lantern.models.generation import bos_ids
 from lantern.models.steering import Direction, mean_hidden
 
 PAPER_EFFECTS = {"gemma3-270m": 0.15}  # best-layer |AUROC − 0.5| read from arXiv 2509.13333
@@ -71,15 +72,6 @@ def _template(tok, chat: bool, system: str | None) -> tuple[str, str]:
     return before, after
 
 
-def _bos(tok, before: str) -> list[int]:
-    """The BOS a Hugging Face tokenizer adds by default, when the rendered template lacks it (Gemma without a template)."""
-    hf = getattr(tok, "tokenizer", None)
-    bos = getattr(hf, "bos_token_id", None)
-    if hf is None or bos is None or before.startswith(hf.bos_token or "\x00"):
-        return []
-    return [bos] if hf("x")["input_ids"][:1] == [bos] else []
-
-
 def encode(tok, messages: list[str], answers: list[str] | None = None, *, chat: bool = True,
            system: str | None = None) -> tuple[list[list[int]], list[list[bool]]]:
     """Token ids of each rendered message (plus its answer), and which tokens to average.
@@ -88,7 +80,7 @@ def encode(tok, messages: list[str], answers: list[str] | None = None, *, chat: 
     """
     before, after = _template(tok, chat, system)
     prefix, suffix = tok.encode_batch([before, after])
-    prefix = _bos(tok, before) + prefix
+    prefix = bos_ids(tok, before) + prefix
     bodies = tok.encode_batch([m.strip() for m in messages])
     tails = tok.encode_batch(answers) if answers is not None else [[] for _ in messages]
     seqs, selects = [], []

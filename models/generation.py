@@ -36,10 +36,24 @@ def render_prompt(tokenizer, prompt: str | Messages, system: str | None = None, 
     return turns + "Assistant:"
 
 
+def bos_ids(tokenizer, rendered: str) -> list[int]:
+    """The BOS a Hugging Face tokenizer adds by default, where the rendered text lacks it.
+
+    Chat templates write their own BOS into the text; a model without one (Gemma-3 base) still
+    needs it, or its first token attends to nothing it was trained on.
+    """
+    hf = getattr(tokenizer, "tokenizer", None)
+    bos = getattr(hf, "bos_token_id", None)
+    if hf is None or bos is None or rendered.startswith(hf.bos_token or "\x00"):
+        return []
+    return [bos] if hf("x")["input_ids"][:1] == [bos] else []
+
+
 def encode_prompts(tokenizer, prompts: Sequence[str | Messages], system: str | None = None,
                    chat: bool = True) -> list[list[int]]:
-    """Token ids of each rendered prompt, exactly as ``generate`` feeds them."""
-    return tokenizer.encode_batch([render_prompt(tokenizer, p, system, chat) for p in prompts])
+    """Token ids of each rendered prompt, exactly as ``generate`` feeds them (and training data encodes them)."""
+    texts = [render_prompt(tokenizer, p, system, chat) for p in prompts]
+    return [bos_ids(tokenizer, t) + row for t, row in zip(texts, tokenizer.encode_batch(texts))]
 
 
 # ----------------------------------------------------------------------------- sampling settings

@@ -19,6 +19,8 @@ MAIN = str(ROOT / "configs/default_moe/tiny.yaml")
 DEBUG = str(ROOT / "configs/debug/tiny.yaml")
 STUDY = str(ROOT / "configs/dormant_heads/tiny.yaml")
 LORI = ["fit", "--config", str(ROOT / "configs/lori/tiny.yaml")]
+ALS = ["--config", str(ROOT / "configs/steering/als_smollm2.yaml"), "--model.init_args.model_name", "tiny-llama",
+       "--data.init_args.shots", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +146,19 @@ CASES = {
     "pairs without a response": (lambda t, c: LORI + ["--data.init_args.train", _write(t / "p.jsonl", '{"prompt": "hi"}\n')], "p.jsonl:1"),
     "unknown evaluation task": (lambda t, c: LORI + ["--data.init_args.eval_tasks", "[poetry]"], "poetry"),
     "pair longer than max_length": (lambda t, c: LORI + ["--data.init_args.overlong", "error", "--data.init_args.max_length", "16"], "max_length"),
+    # steering
+    "steering layer beyond the model": (lambda t, c: ["fit", *ALS, "--model.init_args.layer", "5"], "model.init_args.layer=5"),
+    "cosine threshold out of range": (lambda t, c: ["fit", *ALS, "--model.init_args.tau", "3"], "model.init_args.tau=3.0"),
+    "missing steering vector": (lambda t, c: ["validate", *ALS, "--model.init_args.vector_path", str(t / "v.safetensors")],
+                                "model.init_args.vector_path='{t}/v.safetensors'"),
+    "steering vector that is not one": (lambda t, c: ["validate", *ALS, "--model.init_args.vector_path", _write(t / "v.safetensors", "junk")],
+                                        "v.safetensors: not a safetensors file"),
+    "validate before calibrating": (lambda t, c: ["validate", *ALS, "--model.init_args.methods", "[als]"], "run fit (the calibration) first"),
+    "missing problems file": (lambda t, c: ["fit", *ALS, "--data.init_args.calibration", str(t / "gsm.jsonl"),
+                                            "--data.init_args.evaluation", str(t / "gsm.jsonl")], "{t}/gsm.jsonl': no such file"),
+    "problems without their fields": (lambda t, c: ["fit", *ALS, "--data.init_args.calibration", _write(t / "p.jsonl", '{"q": "1+1"}\n' * 3),
+                                                    "--data.init_args.evaluation", str(t / "p.jsonl"), "--data.init_args.n_calibration", "2",
+                                                    "--data.init_args.n_eval", "1"], "p.jsonl:1: no question/answer or problem/solution fields"),
 }
 
 
