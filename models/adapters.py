@@ -28,6 +28,10 @@ class ArchAdapter:
     # Module whose output is the [B, H, S, S] attention weights under eager attention, relative
     # to a block; empty: the attention module's second output (Hugging Face eager attention).
     probs: str = ""
+    # The norm applied to a block's input before attention, where the block is exactly
+    # ``attn(norm(x), **block kwargs)`` plus the rest: lets generation refresh a block's KV cache
+    # without its MLP. Empty: unknown or different (post-norm OLMo-2, Gemma-3's layer-type ropes).
+    attn_norm: str = ""
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return _get(model, self.layers)
@@ -78,7 +82,8 @@ def _get(root: nn.Module, path: str):
 
 _LLAMA_LIKE = dict(layers="model.layers", attn="self_attn", o_proj="self_attn.o_proj", mlp="mlp")
 ADAPTERS: dict[str, ArchAdapter] = {
-    **{f: ArchAdapter(f, **_LLAMA_LIKE) for f in ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "olmo2", "phi3")},
+    **{f: ArchAdapter(f, **_LLAMA_LIKE, attn_norm="input_layernorm") for f in ("llama", "mistral", "qwen2", "qwen3", "phi3")},
+    **{f: ArchAdapter(f, **_LLAMA_LIKE) for f in ("gemma3_text", "olmo2")},
     "gpt2": ArchAdapter("gpt2", "transformer.h", "attn", "attn.c_proj", "mlp", ("n_head", "num_heads")),
     "lantern_moe": ArchAdapter("lantern_moe", "blocks", "attn", "attn.o_proj", "mlp", ("n_heads",), "attn.attn_probs"),
 }

@@ -194,7 +194,8 @@ def generate(model, tokenizer, prompts: Sequence[str | Messages], sampling: Samp
                 f"drop positions and cannot be rewound): {max(sliding) + 1}..{n_blocks - 1}" if sliding else "")
         handles.append(blocks[first].register_forward_pre_hook(_pre_hook(hook, state, transient), with_kwargs=True))
         if transient:
-            handles += [blocks[i].register_forward_hook(_clean_rerun(state, i, i == n_blocks - 1), with_kwargs=True)
+            adapter = get_adapter(base)
+            handles += [blocks[i].register_forward_hook(_clean_rerun(state, i, i == n_blocks - 1, adapter), with_kwargs=True)
                         for i in range(first, n_blocks)]
 
     device = next(base.parameters()).device
@@ -252,10 +253,12 @@ def _pre_hook(hook: Hook, state: _HookState, transient: bool = False):
     return pre
 
 
-def _clean_rerun(state: _HookState, index: int, last: bool):
+def _clean_rerun(state: _HookState, index: int, last: bool, adapter):
     """A forward hook (``with_kwargs``) for each block from the hooked one on: after the block ran on the
     edited stream (its output goes on), drop the keys and values it cached for the new positions and
-    run it again, hooks bypassed, on the unedited stream, whose output feeds the next block's rerun."""
+    run it again, hooks bypassed, on the unedited stream, whose output feeds the next block's rerun.
+    The last block's output is not needed: where the adapter knows its pre-attention norm, only
+    norm and attention run again (the MLP is two thirds of a block)."""
 
     def post(module, args, kwargs, output):
         if state.clean is None:
@@ -269,6 +272,11 @@ def _clean_rerun(state: _HookState, index: int, last: bool):
             raise LanternError(f"generate: transient=True cannot undo edits in block {index}: its sliding-window "
                                "cache drops old positions; hook a block with full attention")
         layer.crop(-state.clean.shape[1])
+        if last and adapter.attn_norm and len(args) <= 1:
+            norm, attn = getattr(module, adapter.attn_norm), getattr(module, adapter.attn)
+            attn.forward(norm(state.clean), **{k: v for k, v in kwargs.items() if k != "hidden_states"})
+            state.clean = None
+            return None
         if args:
             clean = module.forward(state.clean, *args[1:], **kwargs)
         else:
