@@ -37,7 +37,7 @@ from lantern.errors import ConfigError, LanternError, require
 from lantern.models import completion_logprobs, get_adapter, load_model
 from lantern.models.generation import Generated, Sampling, Step, encode_prompts, generate
 from lantern.models.loading import load_tokenizer
-from lantern.models.steering import ALSSteer, Direction, mean_hidden, resolve_layer, tokens_containing
+from lantern.models.steering import ALSSteer, Direction, mean_hidden, tokens_containing
 
 METHODS = ("greedy", "self_consistency", "als", "latent_seek")
 
@@ -102,7 +102,7 @@ class AmortizedLatentSteering(L.LightningModule):
         n = get_adapter(self.model).num_layers(self.model)
         require(isinstance(layer, int) and -n <= layer < n, self, "layer", layer,
                 f"a decoder block whose input is steered: -{n}..{n - 1} (-1: the last block's input)")
-        self.layer = resolve_layer(self.model, layer, self)
+        self.layer = layer % n
         width = self.model.get_input_embeddings().weight.shape[1]
         # the calibrated vector travels in checkpoints (the frozen model does not: it is rebuilt from model_name)
         self.register_buffer("vector", torch.zeros(width))

@@ -80,14 +80,6 @@ class Direction:
                 f"(this one is width {self.vector.numel()} at layer {self.layer}, from {self.metadata.get('model', '?')})")
 
 
-def resolve_layer(model, layer: int, owner: object, field_name: str = "layer") -> int:
-    """A layer setting as a block index in [0, n]; negative counts blocks from the end (-1 = last block's input)."""
-    n = get_adapter(model).num_layers(model)
-    ok = isinstance(layer, int) and not isinstance(layer, bool) and -n <= layer <= n
-    require(ok, owner, field_name, layer, f"a layer in {-n}..{n} (the input of that block; {n} = the final state)")
-    return layer % n if layer < 0 else layer
-
-
 def mean_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, select: torch.Tensor,
                 layers: list[int] | None = None) -> torch.Tensor:
     """Mean residual stream over the ``select``ed positions of each row: [B, len(layers), d], float32.
