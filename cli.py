@@ -13,6 +13,7 @@ ends in one line, ``lantern: error: …``; anything else is a bug and keeps its 
 
 from __future__ import annotations
 
+import importlib
 import logging
 import re
 import shutil
@@ -28,6 +29,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.strategies import ModelParallelStrategy
 
 import lantern.datamodules  # noqa: F401  (registers the DataModules)
 import lantern.lightning_modules  # noqa: F401  (registers the LightningModules)
@@ -67,6 +69,7 @@ class LanternCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
         trainer, monitor = config.trainer, config.checkpoint.monitor
+        _check_sharding_has_gpus(config)
         for field, ok, expected in (
             ("max_steps", lambda v: v == -1 or v > 0, "a positive number of steps, or -1 for no limit"),
             ("gradient_clip_val", lambda v: v >= 0, "≥ 0 (or null for no clipping)"),
@@ -110,6 +113,9 @@ class LanternCLI(LightningCLI):
         ckpt = self.config[self.subcommand].get("ckpt_path")
         if ckpt:
             check_checkpoint_fits(read_checkpoint(ckpt), self.model, ckpt)
+        if ckpt and Path(ckpt).is_dir() and not _model_parallel(self.config[self.subcommand].trainer):
+            raise CheckpointError(f"--ckpt_path {ckpt}: a sharded checkpoint, which only the strategy that wrote it reads: "
+                                  "add --config configs/strategy/fsdp.yaml")
         if self.subcommand == "predict":
             _check_predict(self.model, self.datamodule)
         return super().instantiate_trainer(**kwargs)
@@ -149,6 +155,43 @@ def _agree_on_tokenizer(model: LightningModule, data: LightningDataModule | None
         )
 
 
+def _strategy_name(trainer) -> str:
+    strategy = trainer.strategy
+    return str(strategy.get("class_path") if hasattr(strategy, "get") else strategy)
+
+
+def _model_parallel(trainer) -> bool:
+    """Whether the configured strategy is a ``ModelParallelStrategy`` (FSDP2), the one that reads sharded checkpoints."""
+    module, _, name = _strategy_name(trainer).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name) if module else None
+    except (ImportError, AttributeError):
+        return False
+    return isinstance(cls, type) and issubclass(cls, ModelParallelStrategy)
+
+
+def _check_sharding_has_gpus(config) -> None:
+    """Sharding on ``accelerator: gpu`` without CUDA: one line naming the strategy, not Lightning's backend error."""
+    trainer = config.trainer
+    name = _strategy_name(trainer)
+    if not (_model_parallel(trainer) or name.rsplit(".", 1)[-1].lower().startswith("fsdp")):
+        return
+    if str(trainer.accelerator) not in ("gpu", "cuda") or torch.cuda.is_available():
+        return
+    files = [f for f in config.get("config") or [] if "strategy" in (_yaml_of(f).get("trainer") or {})]
+    asks = f"{files[-1].relative} asks for trainer.accelerator=gpu" if files else "trainer.accelerator=gpu"
+    raise ConfigError("trainer", "strategy", name, f"CUDA GPUs ({asks}) and this machine has none; leave that "
+                      "overlay out, or add --trainer.accelerator cpu to try it on CPU processes")
+
+
+def _yaml_of(path) -> dict:
+    try:
+        content = yaml.safe_load(Path(getattr(path, "absolute", path)).read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return {}
+    return content if isinstance(content, dict) else {}
+
+
 def _check_predict(model: LightningModule, data: LightningDataModule | None) -> None:
     if type(model).predict_step is LightningModule.predict_step:
         raise LanternError(f"{type(model).__name__} has no predict step: use validate or test")
@@ -156,14 +199,15 @@ def _check_predict(model: LightningModule, data: LightningDataModule | None) -> 
         raise LanternError(f"{type(data).__name__} has no predict data: use validate or test")
 
 
-def read_checkpoint(path: str) -> dict | None:
+def read_checkpoint(path: str) -> dict:
     """The checkpoint's state, with a clear error for a missing, empty, truncated or foreign file.
 
-    None for a sharded (FSDP) checkpoint, a folder that Lightning reads itself.
+    A sharded checkpoint (a folder) gives its metadata and, as meta tensors, its weights' names
+    and shapes: the shards themselves only the strategy reads.
     """
     file = Path(path)
-    if file.is_dir() and (file / "meta.pt").is_file():
-        return None
+    if file.is_dir():
+        return _read_sharded(file, path)
     if not file.is_file():
         raise CheckpointError(f"--ckpt_path {path}: no such checkpoint file")
     if file.stat().st_size == 0:
@@ -175,6 +219,33 @@ def read_checkpoint(path: str) -> dict | None:
     if not isinstance(state, dict) or not isinstance(state.get("state_dict"), dict):
         raise CheckpointError(f"--ckpt_path {path}: not a Lightning checkpoint (no state_dict)")
     return state
+
+
+def _read_sharded(folder: Path, path: str) -> dict:
+    """A folder of torch.distributed.checkpoint shards and Lightning's ``meta.pt``, checked without loading a shard."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    if not (folder / "meta.pt").is_file():
+        raise CheckpointError(f"--ckpt_path {path}: a folder, but not a sharded checkpoint (no meta.pt in it)")
+    try:
+        state = torch.load(folder / "meta.pt", map_location="cpu", weights_only=True)
+        index = FileSystemReader(str(folder)).read_metadata()
+    except Exception:  # as for a file: every failure here means "not loadable"
+        raise CheckpointError(f"--ckpt_path {path}: not a readable sharded checkpoint (its meta.pt or .metadata is "
+                              "missing, truncated or damaged)") from None
+    for item in index.storage_data.values():
+        shard = folder / item.relative_path
+        if not shard.is_file() or shard.stat().st_size < item.offset + item.length:
+            raise CheckpointError(f"--ckpt_path {path}: the shard {item.relative_path} is missing or truncated")
+    weights = {
+        name.removeprefix("state_dict."): torch.empty(item.size, dtype=item.properties.dtype, device="meta")
+        for name, item in index.state_dict_metadata.items()
+        if name.startswith("state_dict.") and isinstance(item, TensorStorageMetadata)
+    }
+    if not isinstance(state, dict) or not weights:
+        raise CheckpointError(f"--ckpt_path {path}: not a Lightning checkpoint (no state_dict)")
+    return {**state, "state_dict": weights}
 
 
 def check_checkpoint_fits(state: dict | None, model: torch.nn.Module, path: str) -> None:
@@ -196,7 +267,8 @@ def check_checkpoint_fits(state: dict | None, model: torch.nn.Module, path: str)
                 f"--ckpt_path {path}: does not fit {type(model).__name__}: {name} is {list(saved[name].shape)} "
                 f"in the checkpoint and {list(tensor.shape)} in the model (a model of another size?)"
             )
-    poisoned = [name for name, t in saved.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    # A sharded checkpoint's weights are shapes only here; FiniteCheckpoint never writes a non-finite one.
+    poisoned = [name for name, t in saved.items() if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all())]
     if poisoned:
         raise CheckpointError(f"--ckpt_path {path}: NaN or inf in {len(poisoned)} of {len(saved)} tensors "
                               f"(first: {poisoned[0]}); use an earlier checkpoint")
@@ -388,6 +460,7 @@ def _quiet() -> None:
     """Keep stderr for what matters: no seed notice (config.yaml has it), adverts or upstream deprecations."""
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    warnings.filterwarnings("ignore", message="Detected an existing checkpoint in")  # a sharded last.ckpt, rewritten
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_NO_TIPS)

@@ -24,9 +24,20 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lantern.errors import NonFiniteError, require
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's own shard (FSDP2): the callers reduce the verdict over ranks."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
 def _all_finite(tensors) -> torch.Tensor:
-    flags = [torch.isfinite(t).all() for t in tensors if torch.is_tensor(t) and t.is_floating_point()]
-    return torch.stack(flags).all() if flags else torch.tensor(True)
+    """One flag for all, gathered per device (AdamW keeps its step counts on the CPU)."""
+    flags: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        if torch.is_tensor(t) and t.is_floating_point():
+            t = _local(t)
+            flags.setdefault(t.device, []).append(torch.isfinite(t).all())
+    return torch.stack([torch.stack(f).all().cpu() for f in flags.values()]).all() if flags else torch.tensor(True)
 
 
 def last_good_checkpoint(trainer: L.Trainer) -> str:

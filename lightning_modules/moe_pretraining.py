@@ -13,7 +13,6 @@ import time
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 from torchmetrics import MeanMetric
 
@@ -36,7 +35,8 @@ class MoEPretraining(L.LightningModule):
             model: the MoE transformer to train.
             optim: AdamW, warm-up and cosine decay to ``lr·min_lr_ratio`` at ``trainer.max_steps``
                 (the paper's: (0.9, 0.95), weight decay 0.1, 1% warm-up, decay to lr/10).
-            aux_loss_coef: α of the load-balancing loss α·E·Σ f_i·P_i.
+            aux_loss_coef: α of the load-balancing loss α·E·Σ f_i·P_i, per MoE layer and summed over
+                layers, as the paper's code does.
             z_loss_coef: weight of the router z-loss (0 disables it, the paper's setting).
             log_expert_load_every_n_steps: how often the per-expert load histogram is written.
         """
@@ -49,13 +49,26 @@ class MoEPretraining(L.LightningModule):
         self.optim = optim
         self.model = model
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
-        self._load = torch.zeros(model.n_layers, model.n_experts, dtype=torch.long)
+        self._load = torch.zeros(len(model.moe_layers), model.n_experts, dtype=torch.long)
+        self._moe_blocks = [i for i, b in enumerate(model.blocks) if b.mlp in model.moe_layers]  # histogram names
         self._last_step_time: float | None = None
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None)
         if dm is not None:
             self.check_datamodule(dm)
+
+    def configure_model(self) -> None:
+        """Under ModelParallelStrategy (configs/strategy/fsdp.yaml): FSDP2, one unit per block."""
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if self._trainer is None or not isinstance(self._trainer.strategy, ModelParallelStrategy):
+            return
+        from lantern.parallel import data_parallel_mesh, shard_blocks
+
+        # The MoE layers, not their routers, are the fp32 units should a policy gather the rest in
+        # bf16: a layer reads router.weight itself, and FSDP2 gathers a unit only in its own forward.
+        shard_blocks(self.model, data_parallel_mesh(self.device_mesh), self.model.blocks, fp32_modules=self.model.moe_layers)
 
     def check_datamodule(self, dm) -> None:
         """The data must fit the model: its vocabulary and its block length."""
@@ -68,20 +81,26 @@ class MoEPretraining(L.LightningModule):
             raise ConfigError(dm, "block_size", block, f"≤ the model's max_seq_len={self.model.max_seq_len}")
 
     def _lm_loss(self, batch: dict[str, torch.Tensor]):
-        out = self.model(batch["input_ids"])
-        lm = F.cross_entropy(out.logits.flatten(0, 1).float(), batch["labels"].flatten())
-        return lm, out
+        out = self.model(batch["input_ids"], labels=batch["labels"])  # chunked: no [B, S, V] fp32 logits
+        return out.loss, out
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         lm, out = self._lm_loss(batch)
         hp = self.hparams
         loss = lm + hp.aux_loss_coef * out.aux_loss + hp.z_loss_coef * out.z_loss
+        # Everything below stays on the device: no host sync inside the step.
         self.log("train/loss", lm, prog_bar=True)
         self.log_dict({"train/aux_loss": out.aux_loss, "train/z_loss": out.z_loss, "train/total_loss": loss})
-        counts = out.expert_counts.detach().cpu()
+        counts = out.expert_counts.detach()
+        if self._load.device != counts.device:
+            self._load = self._load.to(counts.device)
         self._load += counts
         imbalance = (counts.max(-1).values.float() * self.model.n_experts / counts.sum(-1).clamp(min=1)).mean()
         self.log("moe/load_imbalance", imbalance)  # max_i f_i · E, 1 = perfectly balanced
+        for name in ("default_share", "selected_mass"):  # the default term's share of |y|; Σ_{TopK} π
+            values = [getattr(m, name) for m in self.model.moe_layers if getattr(m, name) is not None]
+            if values:
+                self.log(f"moe/{name}", torch.stack(values).mean())
 
         now = time.perf_counter()
         if self._last_step_time is not None:
@@ -89,6 +108,10 @@ class MoEPretraining(L.LightningModule):
             self.log("train/tokens_per_s", tokens / (now - self._last_step_time))
         self._last_step_time = now
         return loss
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.model.commit_defaults()  # Ê moves once per optimizer step, whatever the accumulation
 
     def on_after_backward(self) -> None:
         masks = [m.router_grad_nonzero for m in self.model.moe_layers if m.router_grad_nonzero is not None]
@@ -104,7 +127,7 @@ class MoEPretraining(L.LightningModule):
         if every and self.global_step % every == 0 and self.trainer.is_global_zero:
             for logger in self.loggers:
                 if isinstance(logger, TensorBoardLogger):
-                    _log_expert_load(logger, self._load, self.global_step)
+                    _log_expert_load(logger, self._load, self.global_step, self._moe_blocks)
             self._load.zero_()
 
     def on_validation_start(self) -> None:
@@ -135,9 +158,9 @@ class MoEPretraining(L.LightningModule):
         return self.optim.configure(self.model, total_steps(self.trainer))
 
 
-def _log_expert_load(logger: TensorBoardLogger, load: torch.Tensor, step: int) -> None:
-    """One histogram per layer with the expert index on the x axis and its token count as height."""
-    for layer, counts in enumerate(load.tolist()):
+def _log_expert_load(logger: TensorBoardLogger, load: torch.Tensor, step: int, blocks: list[int]) -> None:
+    """One histogram per MoE layer with the expert index on the x axis and its token count as height."""
+    for layer, counts in zip(blocks, load.tolist()):  # one sync per logging interval
         n = sum(counts)
         if n == 0:
             continue

@@ -90,5 +90,5 @@ def test_fit_then_validate_from_the_run_directory(tmp_path, monkeypatch):
     assert (tmp_path / "runs/default_moe_tiny/latest").resolve() == run
     val = cli_main(["validate", "--ckpt_path", "runs/default_moe_tiny/latest/checkpoints/last.ckpt"])
     assert (tmp_path / "runs/default_moe_tiny/latest").resolve() == run  # evaluating a checkpoint does not move it
-    assert type(val.model).__name__ == "MoEPretraining" and val.model.model.blocks[0].mlp.router_mode == "default"
+    assert type(val.model).__name__ == "MoEPretraining" and val.model.model.moe_layers[0].router_mode == "default"
     assert float(val.trainer.callback_metrics["val/loss"]) == pytest.approx(float(fit.trainer.callback_metrics["val/loss"]), abs=1e-6)

@@ -17,6 +17,7 @@ from lantern.cli import cli_main
 ROOT = Path(__file__).resolve().parents[1]
 MAIN = str(ROOT / "configs/default_moe/tiny.yaml")
 DEBUG = str(ROOT / "configs/debug/tiny.yaml")
+FSDP = str(ROOT / "configs/strategy/fsdp.yaml")
 STUDY = str(ROOT / "configs/dormant_heads/tiny.yaml")
 LORI = ["fit", "--config", str(ROOT / "configs/lori/tiny.yaml")]
 ALS = ["--config", str(ROOT / "configs/steering/als_smollm2.yaml"), "--model.init_args.model_name", "tiny-llama",
@@ -114,6 +115,12 @@ CASES = {
     "checkpoint holding NaN": (lambda t, c: ["validate", "--config", MAIN, "--ckpt_path", _poisoned(c, t / "nan.ckpt")],
                                "nan.ckpt: NaN or inf in 1 of "),
     "checkpoint without its run": (lambda t, c: ["validate", "--ckpt_path", _write(t / "alone.ckpt", c.read_bytes())], "no config.yaml found above"),
+    "folder that is no sharded checkpoint": (lambda t, c: FIT + ["--ckpt_path", str(t)], "{t}: a folder, but not a sharded checkpoint (no meta.pt"),
+    # strategies
+    **({} if torch.cuda.is_available() else {
+        "FSDP overlay without CUDA": (lambda t, c: FIT + ["--config", FSDP],
+                                      "fsdp.yaml asks for trainer.accelerator=gpu) and this machine has none"),
+    }),
     # studies and callbacks
     "model that is not there": (lambda t, c: ["validate", "--config", STUDY, "--model.init_args.model_name", "someone/not-a-model"],
                                 "could not load 'someone/not-a-model'"),

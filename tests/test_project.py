@@ -26,7 +26,9 @@ def test_ci_runs_the_readme_quickstart_commands():
 @pytest.mark.parametrize(
     "script, extra, names",
     [
-        ("moe_overhead.py", ["--repeats", "1"], ["default_vs_topk_step", "moe_vs_dense_layer"]),
+        ("moe_overhead.py", ["--repeats", "1"],
+         ["default_vs_topk_step", "moe_vs_dense_layer", "moe_layer_vs_mixtral_eager", "moe_layer_vs_mixtral_grouped_mm"]),
+        ("moe_memory.py", ["--activation-checkpointing"], ["saved_bytes_per_token", "saved_bytes_per_token_checkpointed"]),
         ("hook_overhead.py", ["--repeats", "1", "--model", "tiny-llama"], ["activation_cache_forward", "head_ablation_forward"]),
         ("lori_efficiency.py", ["--warmup", "1", "--model", "tiny-llama"], ["lori_params", "lori_optimizer_state", "lori_step_time"]),
         ("als_speed.py", ["--model", "tiny-llama", "--problems", "4", "--max-new-tokens", "8", "--latent-steps", "1"],

@@ -74,6 +74,22 @@ def test_resume_continues_the_same_loss_curve(corpus, tmp_path, mode):
         assert module.model.blocks[0].mlp.default_outputs.abs().sum() > 0
 
 
+def test_defaults_move_once_per_optimizer_step_under_accumulation(corpus, tmp_path):
+    data = dict(source=str(corpus), block_size=32, batch_size=4, val_fraction=0.2, cache_dir=str(tmp_path / "c"))
+    module = _module("default")
+    moves = []
+    module.model.commit_defaults = lambda commit=module.model.commit_defaults: moves.append(commit())
+    forwards = []
+    module.model.moe_layers[0].register_forward_hook(lambda *a: forwards.append(1))
+    trainer = L.Trainer(max_steps=3, accumulate_grad_batches=4, accelerator="cpu", devices=1, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer.fit(module, TextDataModule(**data))
+    assert len(forwards) == 12 and len(moves) == 3  # 4 micro-batches per step, one move of Ê per step
+    assert module.model.moe_layers[0].default_outputs.abs().sum() > 0
+    assert not module.model.moe_layers[0].pending.any()  # nothing left over between steps
+
+
 def _ddp_worker(rank, world, port, batch, state, out_path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
