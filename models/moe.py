@@ -21,10 +21,9 @@ parallelism the sums and counts are all-reduced, so every rank holds the same de
 the balancing loss sees the global load.
 
 Dispatch sorts the T·K assignments by expert and runs all experts as one grouped matmul
-(``torch.nn.functional.grouped_mm``): no device→host sync, and padding of at most 16 bytes'
-worth of rows per expert, whatever the load imbalance. Where the build has
-no grouped matmul for the dtype (bf16 on CPU, older GPUs) a loop over experts runs
-contiguous slices instead.
+(``torch.nn.functional.grouped_mm``) on GPUs: no device→host sync, and padding of at most 16
+bytes' worth of rows per expert, whatever the load imbalance. On CPU (faster there) and where the
+build has no grouped matmul for the dtype, a loop over experts runs contiguous slices instead.
 """
 
 from __future__ import annotations
@@ -74,6 +73,11 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype, *dims: int) -
     return device.type == "cpu" and dtype == torch.float32
 
 
+def use_grouped_mm(device: torch.device, dtype: torch.dtype, *dims: int) -> bool:
+    """Grouped matmul on GPUs; on CPU the per-expert loop is faster, and its host sync is free."""
+    return device.type == "cuda" and grouped_mm_supported(device, dtype, *dims)
+
+
 class SwiGLUExperts(nn.Module):
     """E SwiGLU feed-forward networks stored as stacked weights."""
 
@@ -89,7 +93,7 @@ class SwiGLUExperts(nn.Module):
         w_gate, w_up, w_down = (w.to(dtype) for w in (self.w_gate, self.w_up, self.w_down))
         x = x.to(dtype)
         E, d, f = self.w_gate.shape
-        if grouped_mm_supported(x.device, dtype, d, f):
+        if use_grouped_mm(x.device, dtype, d, f):
             # Each expert's rows start 16-byte aligned (the weight gradient's grouped matmul reads
             # them along its contraction dimension), so groups are padded to a multiple of
             # `align` rows, in a buffer of static size: no host sync to size it.
@@ -104,7 +108,7 @@ class SwiGLUExperts(nn.Module):
             offs = ends.to(torch.int32)
             h = F.silu(_grouped_mm(buf, w_gate, offs=offs)) * _grouped_mm(buf, w_up, offs=offs)
             return _grouped_mm(h, w_down, offs=offs)[dest]
-        parts = []  # fallback: contiguous slices, one matmul each per expert (sizes cost one sync)
+        parts = []  # contiguous slices, one matmul each per expert (their sizes cost one host sync)
         for e, rows in enumerate(x.split(counts.tolist())):
             parts.append((F.silu(rows @ w_gate[e]) * (rows @ w_up[e])) @ w_down[e])
         return torch.cat(parts)

@@ -190,10 +190,11 @@ def test_grouped_matmul_and_per_expert_loop_agree(monkeypatch):
     layer.default_outputs.normal_()
     x = torch.randn(41, 16, requires_grad=True)  # uneven groups: the padded layout is exercised
     assert moe.grouped_mm_supported(x.device, x.dtype, 16, 32)
+    monkeypatch.setattr(moe, "use_grouped_mm", moe.grouped_mm_supported)  # on CPU too
     inputs = (x, *layer.experts.parameters())
     y, _ = layer(x)
     grads = torch.autograd.grad(y.pow(2).sum(), inputs)
-    monkeypatch.setattr(moe, "grouped_mm_supported", lambda *a: False)
+    monkeypatch.setattr(moe, "use_grouped_mm", lambda *a: False)
     y2, _ = layer(x)
     grads2 = torch.autograd.grad(y2.pow(2).sum(), inputs)
     torch.testing.assert_close(y2, y, atol=1e-5, rtol=1e-5)
@@ -288,7 +289,7 @@ def test_cuda_grouped_matmul_matches_the_loop_in_bf16(monkeypatch):
     results = []
     for grouped in (True, False):
         if not grouped:
-            monkeypatch.setattr(moe, "grouped_mm_supported", lambda *a: False)
+            monkeypatch.setattr(moe, "use_grouped_mm", lambda *a: False)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             y, _ = layer(x)
         grads = torch.autograd.grad(y.float().pow(2).mean(), (x, *layer.experts.parameters()))
