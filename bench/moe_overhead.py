@@ -55,15 +55,12 @@ from lantern.models.moe import DenseFeedForward, MoEFeedForward, MoETransformer
 RECIPES = Path(__file__).resolve().parents[1] / "configs" / "default_moe"
 GIB = 1 << 30
 
-# Each size: (recipe whose model it takes, its fallback if the recipe is gone, seq, batch).
-_PAPER = dict(vocab_size=128256, d_model=1024, n_layers=24, n_heads=16, n_experts=8, top_k=2, d_expert=2816,
-              max_seq_len=2048, rope_base=500000.0, tie_embeddings=False, n_dense_layers=1, norm="layernorm")
+# Each size: the recipe whose model, sequence and micro-batch it takes, or those given here.
 _SIZES = {
-    "tiny": ("tiny.yaml", dict(vocab_size=257, d_model=128, n_layers=4, n_heads=4, n_experts=8, top_k=2, d_expert=256,
-                               max_seq_len=256, n_dense_layers=1, norm="layernorm"), 256, 16),
-    "medium": (None, dict(vocab_size=257, d_model=1024, n_layers=8, n_heads=16, n_experts=8, top_k=2, d_expert=2816,
-                          max_seq_len=2048), 2048, 8),
-    "paper": ("paper_8c2_gpu.yaml", _PAPER, 2048, 16),
+    "tiny": "tiny.yaml",
+    "medium": (dict(vocab_size=257, d_model=1024, n_layers=8, n_heads=16, n_experts=8, top_k=2, d_expert=2816,
+                    max_seq_len=2048), 2048, 8),
+    "paper": "paper_8c2_gpu.yaml",
 }
 
 
@@ -73,13 +70,13 @@ def size_config(name: str) -> dict:
     tiny and paper take the model, sequence and micro-batch from their recipe (so the figures follow
     it), less the choices a benchmark makes itself: routing and activation checkpointing.
     """
-    recipe, model, seq, batch = _SIZES[name]
-    source = "built-in"
-    if recipe and (RECIPES / recipe).is_file():
-        cfg = yaml.safe_load((RECIPES / recipe).read_text())
-        model = cfg["model"]["init_args"]["model"]["init_args"]
-        data, source = cfg["data"]["init_args"], f"configs/default_moe/{recipe}"
-        seq, batch = int(data["block_size"]), int(data["batch_size"])
+    spec = _SIZES[name]
+    if isinstance(spec, str):
+        cfg = yaml.safe_load((RECIPES / spec).read_text())
+        model, data = cfg["model"]["init_args"]["model"]["init_args"], cfg["data"]["init_args"]
+        source, seq, batch = f"configs/default_moe/{spec}", int(data["block_size"]), int(data["batch_size"])
+    else:
+        (model, seq, batch), source = spec, "built-in"
     model = {k: v for k, v in model.items() if k not in ("router_mode", "activation_checkpointing")}
     layer = dict(tokens=8192, d_model=256, n_experts=8, d_expert=704, top_k=2) if name == "tiny" else None
     return dict(model=model, source=source, seq=seq, batch=batch, layer=layer)
@@ -111,23 +108,12 @@ def resolve_size(ap: argparse.ArgumentParser, args: argparse.Namespace, batch: i
     if size["layer"] is None:
         size["layer"] = dict(tokens=size["batch"] * size["seq"], d_model=model["d_model"], n_experts=model["n_experts"],
                              d_expert=model["d_expert"], top_k=model["top_k"])
-    n = param_count(model)
+    with torch.device("meta"):  # counted, not allocated
+        n = sum(p.numel() for p in MoETransformer(**model).parameters())
     if args.size == "paper" and not args.device.startswith("cuda") and n > 300e6:
         ap.error(f"--size paper is a {n / 1e9:.2f}B-parameter model, meant for a GPU: pass --device cuda, or shrink "
                  "it to try the code path on CPU (e.g. --layers 2 --d-model 128 --heads 4 --d-expert 256 --vocab 1024)")
     return size
-
-
-def param_count(model: dict) -> int:
-    """Total parameters of MoETransformer(**model), from its dimensions."""
-    d, L, E, f = model["d_model"], model["n_layers"], model["n_experts"], model["d_expert"]
-    n_dense = model.get("n_dense_layers", 0)
-    d_dense = model.get("d_dense") or f
-    norm = d * (2 if model.get("norm") == "layernorm" else 1)  # weight (and bias)
-    per_layer = 4 * d * d + 2 * norm
-    moe = 3 * E * d * f + E * d
-    head = model["vocab_size"] * d * (1 if model.get("tie_embeddings", True) else 2)
-    return L * per_layer + (L - n_dense) * moe + n_dense * 3 * d * d_dense + head + norm
 
 
 def build_model(model_cfg: dict, dev: str, router_mode: str = "default", *, dense: bool = False,
@@ -272,7 +258,7 @@ def layer_figures(spec: dict, dev: str, steps: int, repeats: int, size: str) -> 
                 after()
         return step
 
-    fns = {"moe": fwd_bwd(lambda: moe(x)[0], getattr(moe, "commit_defaults", None)),
+    fns = {"moe": fwd_bwd(lambda: moe(x)[0], moe.commit_defaults),
            "dense": fwd_bwd(lambda: dense(x))}
     peers = {}
     for impl in ("eager", "grouped_mm"):

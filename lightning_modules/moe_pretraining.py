@@ -18,7 +18,7 @@ from torchmetrics import MeanMetric
 
 from lantern.errors import ConfigError, require
 from lantern.lightning_modules.optim import AdamW, total_steps
-from lantern.models.moe import MoETransformer
+from lantern.models.moe import MoEFeedForward, MoETransformer
 
 
 class MoEPretraining(L.LightningModule):
@@ -50,7 +50,7 @@ class MoEPretraining(L.LightningModule):
         self.model = model
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self._load = torch.zeros(len(model.moe_layers), model.n_experts, dtype=torch.long)
-        self._moe_blocks = [i for i, b in enumerate(model.blocks) if b.mlp in model.moe_layers]  # histogram names
+        self._moe_blocks = [i for i, b in enumerate(model.blocks) if isinstance(b.mlp, MoEFeedForward)]  # histogram names
         self._last_step_time: float | None = None
 
     def setup(self, stage: str) -> None:
