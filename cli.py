@@ -68,6 +68,8 @@ class LanternCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
+        if config.trainer is None:
+            raise ConfigError("config", "trainer", None, "Trainer settings under trainer: (or no trainer: key at all)")
         trainer, monitor = config.trainer, config.checkpoint.monitor
         _check_sharding_has_gpus(config)
         for field, ok, expected in (

@@ -3,8 +3,9 @@
 from lantern.datamodules.eval_awareness import EvalAwarenessData
 from lantern.datamodules.eval_tasks import EvalTasksDataModule
 from lantern.datamodules.instruction import InstructionDataModule
+from lantern.datamodules.preference import PreferenceDataModule
 from lantern.datamodules.problems import ReasoningProblems
 from lantern.datamodules.text import DataError, TextDataModule
 from lantern.datamodules.vdit_prompts import VDiTPromptPairs
 
-__all__ = ["DataError", "EvalAwarenessData", "EvalTasksDataModule", "InstructionDataModule", "ReasoningProblems", "TextDataModule", "VDiTPromptPairs"]
+__all__ = ["DataError", "EvalAwarenessData", "EvalTasksDataModule", "InstructionDataModule", "PreferenceDataModule", "ReasoningProblems", "TextDataModule", "VDiTPromptPairs"]

@@ -59,7 +59,22 @@ class _ExampleBatches:
         return {"task": self.name, "examples": list(examples)}
 
 
-class InstructionDataModule(L.LightningDataModule):
+class ModelTokenizer:
+    """For datamodules that encode with the tokenizer of the model being trained: ``tokenizer_name``
+    (the CLI fills a None from the module), loaded on first use."""
+
+    tokenizer_name: str | None = None
+    _tokenizer: TextTokenizer | None = None
+
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        if self._tokenizer is None:
+            require(self.tokenizer_name is not None, self, "tokenizer", None, "the tokenizer of the model being trained")
+            self._tokenizer = load_tokenizer(self.tokenizer_name)
+        return self._tokenizer
+
+
+class InstructionDataModule(ModelTokenizer, L.LightningDataModule):
     def __init__(
         self,
         train: str = "task:math",
@@ -121,7 +136,6 @@ class InstructionDataModule(L.LightningDataModule):
         self.system, self.chat, self.max_length, self.overlong = system, chat, max_length, overlong
         self.n_train, self.n_eval, self.batch_size, self.eval_batch_size = n_train, n_eval, batch_size, eval_batch_size
         self.seed, self.num_workers = seed, num_workers
-        self._tokenizer: TextTokenizer | None = None
         self.train_set: InstructionDataset | None = None
         self.eval_examples: dict[str, list[Example]] = {}
         self.truncated = 0
@@ -145,13 +159,6 @@ class InstructionDataModule(L.LightningDataModule):
         if not path.is_file():
             raise DataError(f"data.train {train!r}: no such file")
         return None
-
-    @property
-    def tokenizer(self) -> TextTokenizer:
-        if self._tokenizer is None:
-            require(self.tokenizer_name is not None, self, "tokenizer", None, "the tokenizer of the model being trained")
-            self._tokenizer = load_tokenizer(self.tokenizer_name)
-        return self._tokenizer
 
     @property
     def task_names(self) -> list[str]:

@@ -1,16 +1,23 @@
-"""Reasoning problems with exact answers, for methods that decode and check (ALS; FRIT next).
+"""Reasoning problems with exact answers, for methods that decode and check (ALS, FRIT).
 
-Sources: ``math:D`` (the embedded arithmetic word problems, difficulty D), a GSM8K-format JSONL
-file (``question``, ``answer`` ending in ``#### N``), a MATH-format one (``problem``,
-``solution`` with a final ``\\boxed{...}``), or ``hf:NAME[:CONFIG[:SPLIT]]`` with either layout.
-Batches are ``{"task", "examples", "prompts"}``: the module decodes ``prompts`` (chat messages,
-worked examples first) and scores the replies with ``dm.scorer``.
+Sources: ``math:D`` (the embedded arithmetic word problems, difficulty D), ``facts`` (the embedded
+multi-hop factual questions), or a JSONL file / ``hf:NAME[:CONFIG[:SPLIT]]`` in one of the layouts
+of ``LAYOUTS``: GSM8K (``question``, ``answer`` ending in ``#### N``), MATH (``problem``,
+``solution`` with a final ``\\boxed{...}``), SVAMP (``Body``, ``Question``, ``Answer``) or
+StrategyQA (``question``, boolean ``answer``, optional ``facts``). Batches are
+``{"task", "examples", "prompts"}``: the module decodes ``prompts`` (chat messages, worked
+examples first) and scores the replies with ``dm.scorer``.
+
+The ``steps`` answer format is FRIT's (arXiv 2509.13334): numbered ``<step n="i">…</step>`` and a
+final ``<answer>…</answer>``; ``parse_trace`` reads what a small model actually writes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -22,10 +29,16 @@ from lantern.datamodules.tasks.arithmetic import INSTRUCTION, LEVELS
 from lantern.datamodules.tasks.base import percent
 from lantern.datamodules.text import hf_spec, load_hf_dataset, read_jsonl
 from lantern.errors import ConfigError, DataError, require
+from lantern.reporting import say
 
-AnswerFormat = Literal["text", "json"]
+AnswerFormat = Literal["text", "json", "steps"]
 JSON_INSTRUCTION = 'Show the steps and end with a JSON object {"answer": N}.'
-LAYOUTS = {"gsm8k": ("question", "answer"), "math": ("problem", "solution")}
+STEPS_INSTRUCTION = ('Think step by step. Write each step as <step n="1">...</step>, then the final answer '
+                     'as <answer>...</answer>.')
+# question field(s), answer field: the first layout whose fields a record has is used
+LAYOUTS = {"gsm8k": (("question",), "answer"), "math": (("problem",), "solution"),
+           "svamp": (("Body", "Question"), "Answer"), "strategyqa": (("question",), "answer")}
+FACTS = Path(__file__).parent / "data" / "multihop_facts.jsonl"
 _BOXED = re.compile(r"\\boxed\s*\{")
 
 
@@ -75,8 +88,95 @@ def json_answer(text: str) -> str | None:
     return None
 
 
+# ----------------------------------------------------------------------------- FRIT's step format
+_STEP_OPEN = re.compile(r"<\s*step\b[^>]*>", re.I)
+_STEP_CLOSE = re.compile(r"<\s*/\s*step\s*>", re.I)
+_ANSWER_OPEN = re.compile(r"<\s*answer\s*>", re.I)
+_ANSWER_CLOSE = re.compile(r"<\s*/\s*answer\s*>", re.I)
+
+
+@dataclass(frozen=True)
+class Trace:
+    """A reasoning trace as parsed: its steps, its answer, and whether every tag was well formed."""
+
+    steps: tuple[str, ...]
+    answer: str | None  # the text inside <answer>, stripped; None without one
+    well_formed: bool  # steps opened and closed in order, one answer, nothing after it
+
+    @property
+    def parsed(self) -> bool:
+        """Usable by FRIT: at least one step and an answer."""
+        return bool(self.steps) and bool(self.answer)
+
+
+def parse_trace(text: str) -> Trace:
+    """Steps and answer of a trace in the step format, read leniently.
+
+    What a small model writes: a missing ``</step>`` (the next ``<step``, ``<answer>`` or the end closes
+    it), any ``n=`` attribute or none, an unclosed ``<answer>`` (closed at the end of its line),
+    text between tags (ignored). Empty steps are dropped; anything after the answer is ignored.
+    """
+    answer_at = _ANSWER_OPEN.search(text)
+    body = text[:answer_at.start()] if answer_at else text
+    opens = list(_STEP_OPEN.finditer(body))
+    steps, well_formed = [], bool(opens) and answer_at is not None
+    for k, m in enumerate(opens):
+        end = opens[k + 1].start() if k + 1 < len(opens) else len(body)
+        chunk = body[m.end():end]
+        close = _STEP_CLOSE.search(chunk)
+        well_formed &= close is not None and not chunk[close.end():].strip()
+        chunk = chunk[:close.start()] if close else chunk
+        chunk = " ".join(chunk.split())
+        if chunk:
+            steps.append(chunk)
+    answer = None
+    if answer_at is not None:
+        rest = text[answer_at.end():]
+        close = _ANSWER_CLOSE.search(rest)
+        well_formed &= close is not None and not rest[close.end():].strip()
+        answer = (rest[:close.start()] if close else rest.split("\n", 1)[0]).strip() or None
+    return Trace(tuple(steps), answer, well_formed and len(steps) == len(opens))
+
+
+def render_steps(steps, answer: str | None = None) -> str:
+    """The canonical trace text; without an answer it is a prefix that generation continues."""
+    text = "".join(f'<step n="{i}">{step}</step>\n' for i, step in enumerate(steps, 1))
+    return text if answer is None else f"{text}<answer>{answer}</answer>"
+
+
+def solution_steps(solution: str) -> list[str]:
+    """A reference solution as steps: its lines, or its sentences when it is one line."""
+    lines = [" ".join(line.split()) for line in solution.splitlines() if line.strip()]
+    if len(lines) > 1:
+        return lines
+    return [s for s in re.split(r"(?<=[.!?])\s+(?=[A-Z0-9])", " ".join(solution.split())) if s]
+
+
+def answer_value(answer: str | None) -> str | None:
+    """What an answer states: its number when it opens with one and has no other digit (``14 apples`` → ``14``,
+    ``$1,200`` → ``1200``), else the text (``CO2``, ``Apollo 11``, ``3 and 4`` stay words)."""
+    if answer is None:
+        return None
+    m = _LEADING_NUMBER.match(answer)
+    if m and not re.search(r"\d", answer[m.end():]):
+        value = _number(m.group(1).replace("$", ""))
+        if value is not None:
+            return str(int(value)) if value.is_integer() else repr(value)
+    return answer.strip()
+
+
+_LEADING_NUMBER = re.compile(r"\s*(-?\$?\d[\d,]*(?:\.\d+)?)(?!\w|\.\d)")
+
+
+def _words(text: str) -> str:
+    """Plain-word answers compare case-blind, without a leading article or trailing punctuation."""
+    text = re.sub(r"^(the|a|an)\s+", "", text.casefold().strip())
+    return text.strip(" .!?\"'")
+
+
 class ProblemScorer:
-    """Exact-answer scoring; ``json`` also requires the answer as the last JSON object (the format check)."""
+    """Exact-answer scoring; ``json`` also requires the answer as the last JSON object (the format
+    check), ``steps`` the answer inside ``<answer>`` (FRIT's format)."""
 
     def __init__(self, answer_format: AnswerFormat = "text"):
         self.answer_format = answer_format
@@ -84,6 +184,8 @@ class ProblemScorer:
     def predicted(self, text: str) -> str | None:
         if self.answer_format == "json":
             return json_answer(text)
+        if self.answer_format == "steps":
+            return answer_value(parse_trace(text).answer)
         stated = boxed(text)
         if stated is not None:
             return stated
@@ -98,7 +200,10 @@ class ProblemScorer:
         a, b = _number(normalise(predicted)), _number(normalise(str(target)))
         if a is not None and b is not None:
             return a == b
-        return normalise(predicted) == normalise(str(target))
+        a, b = normalise(predicted), normalise(str(target))
+        if a == b:
+            return True
+        return "\\" not in a + b and _words(predicted) == _words(str(target)) != ""  # LaTeX stays exact
 
     def score(self, examples: list[Example], texts: list[str]) -> TaskScore:
         if len(examples) != len(texts):
@@ -143,14 +248,14 @@ class ReasoningProblems(L.LightningDataModule):
             seed: problem generation seed (``math:D``).
         """
         super().__init__()
-        require(answer_format in ("text", "json"), self, "answer_format", answer_format, "'text' or 'json'")
+        require(answer_format in ("text", "json", "steps"), self, "answer_format", answer_format, "'text', 'json' or 'steps'")
         for name, value, low in (("n_calibration", n_calibration, 2), ("n_eval", n_eval, 1), ("batch_size", batch_size, 1),
                                  ("shots", shots, 0)):
             require(isinstance(value, int) and value >= low, self, name, value, f"an integer ≥ {low}")
         self._check_source(calibration, "calibration")
         if evaluation is None:
-            require(calibration.startswith("math:"), self, "evaluation", None,
-                    "held-out problems (a .jsonl file or hf:...) when calibration is not math:D")
+            require(calibration.startswith("math:") or calibration == "facts", self, "evaluation", None,
+                    "held-out problems (a .jsonl file or hf:...) when calibration is not math:D or facts")
             evaluation = calibration
         self._check_source(evaluation, "evaluation")
         self.save_hyperparameters()
@@ -160,8 +265,10 @@ class ReasoningProblems(L.LightningDataModule):
         self._shots: list[Example] = []
 
     def _check_source(self, spec: str, field: str) -> None:
-        expected = "math:D (D in 1..5), a .jsonl file or hf:NAME[:CONFIG[:SPLIT]]"
+        expected = "math:D (D in 1..5), facts, a .jsonl file or hf:NAME[:CONFIG[:SPLIT]]"
         require(isinstance(spec, str) and bool(spec.strip()), self, field, spec, expected)
+        if spec == "facts":
+            return
         if spec.startswith("math:"):
             require(spec[5:].isdigit() and int(spec[5:]) in LEVELS, self, field, spec, expected)
         elif spec.startswith("hf:"):
@@ -177,10 +284,15 @@ class ReasoningProblems(L.LightningDataModule):
         if spec.startswith("math:"):  # a longer draw extends a shorter one, so offsets never overlap
             drawn = arithmetic_problems(offset + n, int(spec[5:]), self.hparams.seed, split)
             return [self._phrase(ex) for ex in drawn[offset:]]
-        records = self._hf_records(spec, split) if spec.startswith("hf:") else self._jsonl_records(spec)
+        if spec == "facts":
+            records = [(f"facts:{lineno}", r) for lineno, r in read_jsonl(FACTS) if _facts_split(r) == split]
+        else:
+            records = self._hf_records(spec, split) if spec.startswith("hf:") else self._jsonl_records(spec)
         picked = records[offset:offset + n]
         if not picked:
             raise DataError(f"data {spec!r}: no problems after the first {offset}")
+        if len(picked) < n:
+            say(self.trainer, f"data {spec!r} ({split}): {len(picked)} problems after the first {offset}, not the {n} asked for")
         return [self._record(where, record) for where, record in picked]
 
     def _jsonl_records(self, spec: str) -> list[tuple[str, object]]:
@@ -194,7 +306,7 @@ class ReasoningProblems(L.LightningDataModule):
     @staticmethod
     def _resolved(spec: str, split: str) -> tuple:
         """What a source reads, so two spellings of one file or split count as the same."""
-        if spec.startswith("math:"):
+        if spec.startswith("math:") or spec == "facts":
             return (spec, split)
         if spec.startswith("hf:"):
             return hf_spec(spec, split)
@@ -203,30 +315,48 @@ class ReasoningProblems(L.LightningDataModule):
     def _record(self, where: str, record) -> Example:
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        q_field, a_field = self.hparams.question_field, self.hparams.answer_field
-        if q_field is None or a_field is None:
-            layout = next((fields for fields in LAYOUTS.values() if all(f in record for f in fields)), None)
-            if layout is None:
-                raise DataError(f"{where}: no question/answer or problem/solution fields (found {sorted(record)}); "
-                                "set data.question_field and data.answer_field")
-            q_field, a_field = q_field or layout[0], a_field or layout[1]
-        for field, setting in ((q_field, "question_field"), (a_field, "answer_field")):
-            if not isinstance(record.get(field), str):
+        q_fields, a_field = self._fields(where, record)
+        for field, setting in [*((f, "question_field") for f in q_fields), (a_field, "answer_field")]:
+            value = record.get(field)
+            if not (isinstance(value, str) or (field == a_field and isinstance(value, (int, float)))):
                 raise DataError(f"{where}: field {field!r} missing or not a string (found {sorted(record)}); "
                                 f"set data.{setting}")
-        answer = reference_answer(record[a_field])
-        if answer is None:
-            answer = record[a_field].strip()  # a bare answer field (e.g. MATH-500's "answer")
-        solution = record[a_field].split("####")[0].strip()
-        return self._phrase(Example(where, record[q_field].strip(), solution, answer), generated=False)
+        question = " ".join(record[f].strip() for f in q_fields)
+        raw = record[a_field]
+        if isinstance(raw, bool):  # StrategyQA: a yes/no answer, the supporting facts as the solution
+            answer, solution = ("yes" if raw else "no"), "\n".join(map(str, record.get("facts") or []))
+        elif isinstance(raw, (int, float)):  # SVAMP: a number, its equation as the solution
+            answer, solution = answer_value(str(raw)), str(record.get("Equation", "")).strip()
+        else:
+            answer = reference_answer(raw)
+            if answer is None:
+                answer = raw.strip()  # a bare answer field (e.g. MATH-500's "answer")
+            solution = raw.split("####")[0].strip()
+        if isinstance(record.get("steps"), list):  # the embedded facts: one hop per step
+            solution = "\n".join(map(str, record["steps"]))
+        factual = isinstance(raw, bool) or isinstance(record.get("steps"), list)  # StrategyQA, the embedded facts
+        return self._phrase(Example(where, question, solution, answer, "world" if factual else "math"), generated=False)
+
+    def _fields(self, where: str, record: dict) -> tuple[tuple[str, ...], str]:
+        q_field, a_field = self.hparams.question_field, self.hparams.answer_field
+        if q_field is not None and a_field is not None:
+            return (q_field,), a_field
+        layout = next((fields for fields in LAYOUTS.values() if all(f in record for f in (*fields[0], fields[1]))), None)
+        if layout is None:
+            raise DataError(f"{where}: no question/answer, problem/solution or Body/Question/Answer fields "
+                            f"(found {sorted(record)}); set data.question_field and data.answer_field")
+        return ((q_field,) if q_field else layout[0]), a_field or layout[1]
 
     def _phrase(self, ex: Example, generated: bool = True) -> Example:
         """Ask for the answer in the configured format; the reference reply ends in that format."""
         question = ex.prompt.replace(INSTRUCTION, "").strip() if generated else ex.prompt
         body = re.sub(r"\s*The answer is [^.]*\.$", "", ex.response) if generated else ex.response
+        group = "math" if generated else ex.group  # the domain: FRIT draws its unrelated facts from it
         if self.hparams.answer_format == "json":
-            return Example(ex.id, f"{question} {JSON_INSTRUCTION}", f'{body} {{"answer": {json.dumps(ex.target)}}}', ex.target)
-        return Example(ex.id, f"{question} {INSTRUCTION}", f"{body} The answer is {ex.target}.", ex.target)
+            return Example(ex.id, f"{question} {JSON_INSTRUCTION}", f'{body} {{"answer": {json.dumps(ex.target)}}}', ex.target, group)
+        if self.hparams.answer_format == "steps":
+            return Example(ex.id, f"{question} {STEPS_INSTRUCTION}", render_steps(solution_steps(body), ex.target), ex.target, group)
+        return Example(ex.id, f"{question} {INSTRUCTION}", f"{body} The answer is {ex.target}.", ex.target, group)
 
     # ------------------------------------------------------------------ prompts
     def messages(self, ex: Example) -> list[dict]:
@@ -261,3 +391,13 @@ class ReasoningProblems(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("evaluation")
+
+    def predict_dataloader(self) -> DataLoader:
+        """The calibration problems: what a method builds its data from (FRIT's preference pairs)."""
+        return self._loader("calibration")
+
+
+def _facts_split(record) -> str:
+    """The embedded facts' held-out quarter, fixed by a hash of the question."""
+    question = record.get("question", "") if isinstance(record, dict) else ""
+    return "test" if hashlib.sha256(question.encode()).digest()[0] % 4 == 0 else "train"

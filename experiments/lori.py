@@ -17,36 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
+
+from stages import ROOT, latest as _latest, read_json as _read, run_cli as _run, write_report
 
 from lantern.reporting import markdown_table
 
 TASKS = ("math", "code", "nlu", "safety")
 VARIANTS = ("lora", "lori_d", "lori_s")
-ROOT = Path(__file__).resolve().parent.parent  # the checkout: configs/ and cli.py live here
-
-
-def _run(args: list[str], log: Path) -> float:
-    """One CLI run in its own process (fresh memory, its own seed); its output goes to ``log``."""
-    start = time.perf_counter()
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("w") as fh:
-        done = subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], stdout=fh, stderr=subprocess.STDOUT)
-    if done.returncode != 0:
-        tail = log.read_text().strip().splitlines()[-1:] or ["(no output)"]
-        raise SystemExit(f"lantern: error: `cli.py {' '.join(args)}` failed: {tail[0]} (log: {log})")
-    return time.perf_counter() - start
-
-
-def _latest(runs: Path, name: str) -> Path:
-    return runs / name / "latest"
-
-
-def _read(path: Path) -> list[dict]:
-    return json.loads(path.read_text()) if path.is_file() else []
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -135,14 +113,9 @@ def report(runs: Path, adapters: dict, continual: dict, continual_task: str, sec
     if seconds:
         lines += ["Wall-clock seconds of the runs made this time: "
                   + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()) + "."]
-    out = runs / "lori"
-    out.mkdir(parents=True, exist_ok=True)
     result = {"adapters": adapters, "merge": merge, "continual": continual, "continual_task": continual_task,
               "seconds": seconds}
-    (out / "lori.md").write_text("\n".join(lines) + "\n")
-    (out / "lori.json").write_text(json.dumps(result, indent=1))
-    print("\n".join(lines))
-    return result
+    return write_report(runs / "lori", "lori", lines, result)
 
 
 if __name__ == "__main__":

@@ -251,7 +251,7 @@ def test_bad_problem_records_name_their_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"q": "x", "a": "1"}\n' * 4)
     dm = ReasoningProblems(calibration=str(bad), evaluation=str(bad), shots=0, n_calibration=2, n_eval=2)
-    with pytest.raises(DataError, match=r"bad.jsonl:1: no question/answer or problem/solution fields .* set data.question_field"):
+    with pytest.raises(DataError, match=r"bad.jsonl:1: no question/answer, problem/solution or Body/Question/Answer fields .* set data.question_field"):
         dm.setup()
     ok = ReasoningProblems(calibration=str(bad), evaluation=str(bad), shots=0, n_calibration=2, n_eval=2,
                            question_field="q", answer_field="a")

@@ -22,6 +22,10 @@ STUDY = str(ROOT / "configs/dormant_heads/tiny.yaml")
 LORI = ["fit", "--config", str(ROOT / "configs/lori/tiny.yaml")]
 ALS = ["--config", str(ROOT / "configs/steering/als_smollm2.yaml"), "--model.init_args.model_name", "tiny-llama",
        "--data.init_args.shots", "0"]
+FRIT = ["--config", str(ROOT / "configs/frit/pairs_smollm2.yaml"), "--model.init_args.model_name", "tiny-llama",
+        "--data.init_args.shots", "0", "--data.init_args.n_calibration", "2"]
+DPO = ["fit", "--config", str(ROOT / "configs/frit/dpo_smollm2.yaml"), "--model.init_args.model_name", "tiny-llama"]
+PAIR = '{"prompt": "hi", "chosen": "a", "rejected": "b"}\n'
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +169,29 @@ CASES = {
                                             "--data.init_args.evaluation", str(t / "gsm.jsonl")], "{t}/gsm.jsonl': no such file"),
     "problems without their fields": (lambda t, c: ["fit", *ALS, "--data.init_args.calibration", _write(t / "p.jsonl", '{"q": "1+1"}\n' * 3),
                                                     "--data.init_args.evaluation", str(t / "p.jsonl"), "--data.init_args.n_calibration", "2",
-                                                    "--data.init_args.n_eval", "1"], "p.jsonl:1: no question/answer or problem/solution fields"),
+                                                    "--data.init_args.n_eval", "1"], "p.jsonl:1: no question/answer, problem/solution or Body/Question/Answer fields"),
+    # FRIT and DPO
+    "FRIT without the step format": (lambda t, c: ["predict", *FRIT, "--data.init_args.answer_format", "text"],
+                                     "data.answer_format='text': expected 'steps'"),
+    "FRIT ramp without tries": (lambda t, c: ["predict", *FRIT, "--model.init_args.ramp", "[]"], "model.init_args.ramp=[]"),
+    "FRIT pairs file of other settings": (lambda t, c: ["predict", *FRIT, "--model.init_args.pairs_path",
+                                                        _write(t / "pairs.jsonl", '{"id": "x", "settings": {"model": "m"}}\n')],
+                                          "model.init_args.pairs_path='{t}/pairs.jsonl': expected a pairs file written with these settings"),
+    "FRIT comparison model that is not there": (lambda t, c: ["validate", *FRIT, "--model.init_args.compare", f"[{t}/model]"],
+                                                "model.init_args.compare='{t}/model': expected a saved model folder"),
+    "unknown problem source": (lambda t, c: ["predict", *FRIT, "--data.init_args.calibration", "gsm8k"],
+                               "data.init_args.calibration='gsm8k': expected math:D (D in 1..5), facts,"),
+    "DPO pairs file that is not there": (lambda t, c: DPO + ["--data.init_args.train", str(t / "none.jsonl")], "{t}/none.jsonl': no such file"),
+    "DPO pairs without references": (lambda t, c: DPO + ["--data.init_args.train", _write(t / "p.jsonl", PAIR * 4)],
+                                     "model.init_args.reference='precomputed': expected pairs that carry ref_chosen"),
+    "DPO pair without its rejected reply": (lambda t, c: DPO + ["--data.init_args.train", _write(t / "p.jsonl", '{"prompt": "hi", "chosen": "a"}\n' * 3)],
+                                            "p.jsonl:1: no field 'rejected'"),
+    "DPO beta 0": (lambda t, c: DPO + ["--model.init_args.beta", "0"], "model.init_args.beta=0"),
+    "DPO LoRA on a projection the model lacks": (lambda t, c: DPO + ["--model.init_args.lora", "{target_modules: [qkv]}",
+                                                                     "--data.init_args.train", _write(t / "p.jsonl", PAIR * 4)],
+                                                 "model.init_args.lora.target_modules=['qkv']: expected projection names"),
+    "DPO held-out share 1": (lambda t, c: DPO + ["--data.init_args.val_fraction", "1", "--data.init_args.train", _write(t / "p.jsonl", PAIR * 4)],
+                             "data.init_args.val_fraction=1"),
 }
 
 

@@ -33,6 +33,7 @@ def test_ci_runs_the_readme_quickstart_commands():
         ("lori_efficiency.py", ["--warmup", "1", "--model", "tiny-llama"], ["lori_params", "lori_optimizer_state", "lori_step_time"]),
         ("als_speed.py", ["--model", "tiny-llama", "--problems", "4", "--max-new-tokens", "8", "--latent-steps", "1"],
          ["als_time_per_token", "latent_seek_time_per_problem"]),
+        ("dpo_step.py", ["--model", "tiny-llama", "--prompt", "32", "--reply", "8"], ["dpo_step"]),
     ],
 )
 def test_benchmarks_print_their_ratios(script, extra, names):
