@@ -352,7 +352,7 @@ class FRIT(L.LightningModule):
         self._messages: dict[str, list[dict]] = {}
         run = reporting.run_dir(self.trainer)
         self._final = run / "pairs.jsonl"
-        settings = self._settings()
+        settings = self._run_settings = self._settings()  # fixed for the run: every record carries it
         if self.hparams.pairs_path:
             self._out = Path(self.hparams.pairs_path).expanduser()
             require(not self._out.is_dir() and self._out.resolve() != self._final.resolve(), self, "pairs_path",
@@ -417,7 +417,7 @@ class FRIT(L.LightningModule):
         built = [r for r in pairs if r is not None]
         if built and self.hparams.reference_logprobs:
             self._reference(built)
-        settings = self._settings()
+        settings = self._run_settings
         records = [{**r, "settings": settings} if r is not None else
                    {"id": p.example.id, "pair": None, "parsed": bool(p.trace and p.trace.parsed), "settings": settings}
                    for p, r in zip(problems, pairs)]

@@ -161,8 +161,10 @@ def test_fit_exports_a_model_that_loads_by_path(tmp_path, monkeypatch):
     reloaded = load_model(str(out))
     for (name, a), b in zip(cli.model.model.state_dict().items(), reloaded.state_dict().values()):
         assert torch.equal(a, b), name
-    assert cli.trainer.callback_metrics["rewards/accuracies"] >= 0
-    assert "val/rewards/margins" in cli.trainer.callback_metrics
+    logged = cli.trainer.callback_metrics
+    assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+            "logps/rejected", "val/rewards/margins", "val/loss"} <= set(logged)
+    assert torch.allclose(logged["rewards/margins"], logged["rewards/chosen"] - logged["rewards/rejected"], atol=1e-6)
 
 
 def _recipe():
