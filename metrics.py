@@ -108,3 +108,73 @@ def power_law_fit(n: Sequence[float], d: Sequence[float], level: float = 0.95) -
     dof = x.numel() - 2
     half = t_quantile((1 + level) / 2, dof) * math.sqrt(float(sse) / dof / float(sxx))
     return math.exp(float(log_a)), float(b), r2, (float(b) - half, float(b) + half)
+
+
+def roc_curve(scores, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    """(FPR, TPR) at every distinct threshold of ``scores`` (higher = positive), from (0, 0) to (1, 1).
+
+    Tied scores move together (one point per distinct score, as scikit-learn's ``roc_curve`` with
+    ``drop_intermediate=False``). Needs at least one positive and one negative.
+    """
+    s = torch.as_tensor(scores, dtype=torch.float64).flatten()
+    y = torch.as_tensor(labels).flatten().bool()
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if s.shape != y.shape or n_pos == 0 or n_neg == 0:
+        raise ValueError("roc_curve: expected scores and labels of one length, with both classes present")
+    order = torch.argsort(s, descending=True, stable=True)
+    s, y = s[order], y[order]
+    last = torch.ones_like(s, dtype=torch.bool)
+    last[:-1] = s[1:] != s[:-1]  # the last item of each group of tied scores
+    tp = y.cumsum(0)[last].double()
+    fp = (~y).cumsum(0)[last].double()
+    zero = torch.zeros(1, dtype=torch.float64)
+    return torch.cat([zero, fp / n_neg]), torch.cat([zero, tp / n_pos])
+
+
+def tpr_at_fpr(fpr: torch.Tensor, tpr: torch.Tensor, level: float) -> float:
+    """The highest TPR among ROC points whose FPR is at most ``level`` (e.g. 0.01)."""
+    return float(tpr[fpr <= level + 1e-12].max())
+
+
+def _log_binomial_pmf(k: int, log_q: torch.Tensor, log_1mq: torch.Tensor) -> torch.Tensor:
+    i = torch.arange(k + 1, dtype=torch.float64)
+    log_choose = math.lgamma(k + 1) - torch.lgamma(i + 1) - torch.lgamma(k - i + 1)
+    return log_choose + i * log_q + (k - i) * log_1mq
+
+
+def audit_p_value(m: int, k: int, v: int, eps: float, delta: float) -> float:
+    """P-value of "v of k guesses right" under the null that training was (ε, δ)-DP (Steinke et al. 2023, Thm 3).
+
+    ``m`` canaries, each a member with probability ½; the auditor guesses on ``k`` of them and
+    abstains on the rest. p = P[Bin(k, q) ≥ v] + 2mδ · max_{1≤i≤v} P[v−i ≤ Bin(k, q) < v] / i,
+    with q = e^ε / (1 + e^ε) the accuracy of ε-DP randomised response.
+    """
+    if not 0 <= v <= k <= m:
+        raise ValueError(f"audit_p_value: expected 0 ≤ v ≤ k ≤ m, got v={v}, k={k}, m={m}")
+    e = torch.tensor(float(eps), dtype=torch.float64)
+    pmf = _log_binomial_pmf(k, -torch.nn.functional.softplus(-e), -torch.nn.functional.softplus(e)).exp()
+    beta = float(pmf[v:].sum())
+    alpha = 0.0
+    if v > 0:
+        below = pmf[:v].flip(0).cumsum(0)  # i-th entry (from 1): P[v−i ≤ Bin < v]
+        alpha = float((below / torch.arange(1, v + 1, dtype=torch.float64)).max())
+    return min(1.0, beta + 2 * m * delta * alpha)
+
+
+def epsilon_lower_bound(m: int, k: int, v: int, delta: float, confidence: float = 0.05) -> float:
+    """The largest ε that ``v`` right guesses out of ``k`` reject at level ``confidence`` (one-run audit).
+
+    Training that was (ε, δ)-DP for any ε below the bound would make this many right guesses with
+    probability < ``confidence``. 0 when even ε = 0 is not rejected. Doubling, then 50 bisections.
+    """
+    if not 0 < confidence < 1 or not 0 <= delta <= 1:
+        raise ValueError("epsilon_lower_bound: expected 0 < confidence < 1 and 0 ≤ delta ≤ 1")
+    if audit_p_value(m, k, v, 0.0, delta) >= confidence:
+        return 0.0
+    low, high = 0.0, 1.0
+    while audit_p_value(m, k, v, high, delta) < confidence:
+        low, high = high, high * 2
+    for _ in range(50):
+        mid = (low + high) / 2
+        low, high = (mid, high) if audit_p_value(m, k, v, mid, delta) < confidence else (low, mid)
+    return low

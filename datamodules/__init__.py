@@ -1,5 +1,6 @@
 """LightningDataModules; importing this package registers them with the CLI."""
 
+from lantern.datamodules.canaries import CanaryDataModule
 from lantern.datamodules.eval_awareness import EvalAwarenessData
 from lantern.datamodules.eval_tasks import EvalTasksDataModule
 from lantern.datamodules.instruction import InstructionDataModule
@@ -8,4 +9,4 @@ from lantern.datamodules.problems import ReasoningProblems
 from lantern.datamodules.text import DataError, TextDataModule
 from lantern.datamodules.vdit_prompts import VDiTPromptPairs
 
-__all__ = ["DataError", "EvalAwarenessData", "EvalTasksDataModule", "InstructionDataModule", "PreferenceDataModule", "ReasoningProblems", "TextDataModule", "VDiTPromptPairs"]
+__all__ = ["CanaryDataModule", "DataError", "EvalAwarenessData", "EvalTasksDataModule", "InstructionDataModule", "PreferenceDataModule", "ReasoningProblems", "TextDataModule", "VDiTPromptPairs"]

@@ -177,7 +177,7 @@ class TextDataModule(L.LightningDataModule):
     def __init__(
         self,
         source: str = "stdlib",
-        tokenizer: str = "byte",
+        tokenizer: str | None = "byte",
         block_size: int = 256,
         batch_size: int = 16,
         val_fraction: float = 0.05,
@@ -192,7 +192,8 @@ class TextDataModule(L.LightningDataModule):
         """
         Args:
             source: ``stdlib`` (embedded corpus), a ``.txt``/``.jsonl`` file or directory, or ``hf:NAME``.
-            tokenizer: ``byte``, an embedded model name, a local tokenizer path or a hub id.
+            tokenizer: ``byte``, an embedded model name, a local tokenizer path or a hub id (None: the
+                model's, filled in by the CLI).
             block_size: tokens per training sequence.
             batch_size: sequences per batch and device.
             val_fraction: share of documents (by hash of their id) held out for validation.
@@ -211,7 +212,7 @@ class TextDataModule(L.LightningDataModule):
         require(num_workers >= 0, self, "num_workers", num_workers, "≥ 0 (0 loads in the main process)")
         require(max_documents is None or max_documents >= 1, self, "max_documents", max_documents, "≥ 1, or null for all")
         require(bool(text_field), self, "text_field", text_field, "the name of the field holding the text")
-        require(bool(tokenizer), self, "tokenizer", tokenizer, "'byte', a model name or a tokenizer path")
+        require(tokenizer is None or bool(tokenizer), self, "tokenizer", tokenizer, "'byte', a model name or a tokenizer path")
         if source != "stdlib" and not source.startswith("hf:"):
             _local_files(source)  # fail at configuration time, not after the trainer started
         self.save_hyperparameters()
@@ -230,6 +231,7 @@ class TextDataModule(L.LightningDataModule):
     @property
     def tokenizer(self) -> TextTokenizer:
         if self._tokenizer is None:
+            require(self.tokenizer_name is not None, self, "tokenizer", None, "'byte', a model name or a tokenizer path")
             self._tokenizer = load_tokenizer(self.tokenizer_name)
         return self._tokenizer
 

@@ -35,7 +35,7 @@ from lantern.models.loading import load_tokenizer
 
 @dataclass(frozen=True)
 class LoRA:
-    """peft LoRA settings for a DPO run that trains an adapter instead of every weight."""
+    """peft LoRA settings for a run that trains an adapter instead of every weight (DPO, canary fine-tuning)."""
 
     rank: int = 16
     alpha: float = 32.0
@@ -48,6 +48,41 @@ class LoRA:
         require(0 <= self.dropout < 1, "lora", "dropout", self.dropout, "a probability in [0, 1)")
         require(len(self.target_modules) > 0, "lora", "target_modules", list(self.target_modules),
                 "at least one projection name")
+
+    def as_dict(self) -> dict:
+        return {**self.__dict__, "target_modules": list(self.target_modules)}
+
+    def apply(self, model, owner, model_name: str):
+        """``model`` wrapped by peft with this adapter (the base frozen); unknown projection names fail here."""
+        from peft import LoraConfig, get_peft_model
+
+        present = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        missing = [t for t in self.target_modules if t not in present]
+        if missing:
+            raise ConfigError(owner, "lora.target_modules", list(self.target_modules),
+                              f"projection names of {model_name} (it has no {missing[0]!r}; it has {sorted(present)})")
+        return get_peft_model(model, LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                                                target_modules=list(self.target_modules)))
+
+
+class AdapterCheckpoint:
+    """For a LightningModule with ``self.lora`` and ``self._trainable`` (names of trainable tensors):
+    with LoRA, checkpoints hold the adapter only (the frozen base is rebuilt from the model's name)."""
+
+    def state_dict(self, *args, **kwargs):
+        full = super().state_dict(*args, **kwargs)
+        if self.lora is None:
+            return full
+        prefix = kwargs.get("prefix", "")
+        return type(full)((k, v) for k, v in full.items() if k[len(prefix):] in self._trainable)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if self.lora is None:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        missing = sorted(self._trainable - set(state_dict))
+        if strict and missing:
+            raise ConfigError(self, "checkpoint", missing[0], "a checkpoint of this adapter (it lacks this tensor)")
+        return super().load_state_dict(state_dict, strict=False, assign=assign)
 
 
 class DPOTerms(NamedTuple):
@@ -64,7 +99,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     return DPOTerms(-F.logsigmoid(chosen - rejected), chosen.detach(), rejected.detach())
 
 
-class DPO(L.LightningModule):
+class DPO(AdapterCheckpoint, L.LightningModule):
     def __init__(
         self,
         model_name: str = "smollm2-135m-instruct",
@@ -92,22 +127,12 @@ class DPO(L.LightningModule):
         require(reference in ("precomputed", "live"), self, "reference", reference, "'precomputed' or 'live'")
         self.save_hyperparameters(ignore=["optim", "lora"])
         self.hparams["optim"] = optim.as_dict()
-        self.hparams["lora"] = None if lora is None else {**lora.__dict__, "target_modules": list(lora.target_modules)}
+        self.hparams["lora"] = None if lora is None else lora.as_dict()
         self.optim, self.lora = optim, lora
         self.tokenizer_name = model_name
         self.tokenizer = load_tokenizer(model_name)
         base = load_model(model_name, seed=seed)
-        if lora is not None:
-            from peft import LoraConfig, get_peft_model
-
-            present = {n.rsplit(".", 1)[-1] for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
-            missing = [t for t in lora.target_modules if t not in present]
-            if missing:
-                raise ConfigError(self, "lora.target_modules", list(lora.target_modules),
-                                  f"projection names of {model_name} (it has no {missing[0]!r}; it has {sorted(present)})")
-            base = get_peft_model(base, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                                   target_modules=list(lora.target_modules)))
-        self.model = base.train()
+        self.model = (base if lora is None else lora.apply(base, self, model_name)).train()
         # full fine-tuning with a live reference: a frozen copy, kept out of the module tree (and checkpoints)
         self._frozen = ()
         if reference == "live" and lora is None:
@@ -177,22 +202,6 @@ class DPO(L.LightningModule):
         return self.optim.configure(self.model, total_steps(self.trainer))
 
     # ------------------------------------------------------------------ checkpoints and export
-    def state_dict(self, *args, **kwargs):
-        """LoRA: the adapter only (the frozen base is rebuilt from ``model_name``)."""
-        full = super().state_dict(*args, **kwargs)
-        if self.lora is None:
-            return full
-        prefix = kwargs.get("prefix", "")
-        return type(full)((k, v) for k, v in full.items() if k[len(prefix):] in self._trainable)
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        if self.lora is None:
-            return super().load_state_dict(state_dict, strict=strict, assign=assign)
-        missing = sorted(self._trainable - set(state_dict))
-        if strict and missing:
-            raise ConfigError(self, "checkpoint", missing[0], "a checkpoint of this adapter (it lacks this tensor)")
-        return super().load_state_dict(state_dict, strict=False, assign=assign)
-
     def trained_model(self):
         """The policy as a plain Hugging Face model (LoRA folded into a fresh copy of the base)."""
         if self.lora is None:

@@ -58,18 +58,19 @@ class CompletionLogprobs:
 
 
 def completion_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        completion_mask: torch.Tensor) -> CompletionLogprobs:
+                        completion_mask: torch.Tensor, per_sample: bool = False) -> CompletionLogprobs:
     """Log-probs of the completion tokens (``completion_mask`` True, [B, S]) given everything before them.
 
     Positions come from ``attention_mask``, so a row scores the same under left, right or no padding.
     Gradients flow (DPO, fine-tuning); wrap in ``torch.no_grad()`` to evaluate. The output layer runs
     on the scored positions only: at a 49k–128k vocabulary it is a fifth of the forward pass, and the
     [B, S, V] logits the largest activation, while a response is often a minority of the tokens.
+    ``per_sample`` keeps the batch dimension in every layer instead (per-sample gradients, DP-SGD).
     """
     scored = completion_mask.bool() & attention_mask.bool()
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the model
-    plain = getattr(getattr(base, "config", None), "model_type", None) in PLAIN_HEAD
+    plain = not per_sample and getattr(getattr(base, "config", None), "model_type", None) in PLAIN_HEAD
     decoder = decoder_body(base) if plain else None
     head = base.get_output_embeddings() if decoder is not None else None
     if decoder is None or head is None:

@@ -34,6 +34,7 @@ def test_ci_runs_the_readme_quickstart_commands():
         ("als_speed.py", ["--model", "tiny-llama", "--problems", "4", "--max-new-tokens", "8", "--latent-steps", "1"],
          ["als_time_per_token", "latent_seek_time_per_problem"]),
         ("dpo_step.py", ["--model", "tiny-llama", "--prompt", "32", "--reply", "8"], ["dpo_step"]),
+        ("canary_scoring.py", ["--model", "tiny-llama", "--canaries", "20", "--batch", "10"], ["canary_scoring"]),
     ],
 )
 def test_benchmarks_print_their_ratios(script, extra, names):
