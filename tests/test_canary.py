@@ -15,6 +15,7 @@ from lantern.datamodules.canaries import CanaryDataModule, collate_rows, eligibl
 from lantern.lightning_modules.canary import Audit, CanaryFineTuning, add_new_tokens, audit_report, roc_figure
 from lantern.metrics import audit_p_value, auroc, epsilon_lower_bound, roc_curve, tpr_at_fpr
 from lantern.models import completion_logprobs, load_model, load_tokenizer
+from lantern.reporting import pyplot
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs/canary/tiny.yaml")
@@ -108,6 +109,7 @@ def test_the_roc_figure_draws_the_computed_curves():
         fpr, tpr = roc_curve(s, member)
         assert np.allclose(line.get_xdata(), fpr.clamp(min=floor).numpy())
         assert np.allclose(line.get_ydata(), tpr.clamp(min=floor).numpy())
+    pyplot().close(fig)  # later tests count the open figures
 
 
 # ----------------------------------------------------------------------------- canaries
