@@ -59,6 +59,38 @@ def bootstrap_ci(statistic: Callable[..., torch.Tensor], *samples, draws: int = 
     return low, high
 
 
+def wilson_interval(successes: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a binomial rate: sensible at 0 of n (unlike the normal one), in [0, 1]."""
+    if n <= 0:
+        return math.nan, math.nan
+    if not 0 <= successes <= n or not 0 < level < 1:
+        raise ValueError("wilson_interval: expected 0 ≤ successes ≤ n and 0 < level < 1")
+    z = torch.special.ndtri(torch.tensor(0.5 + level / 2, dtype=torch.float64)).item()
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def binary_scores(predicted, actual) -> dict[str, float]:
+    """Precision, recall, F1, false-positive rate and accuracy of 0/1 predictions (1 = the positive class).
+
+    An empty denominator gives 0 (no positive predicted → precision and F1 are 0), so predicting
+    the negative class everywhere scores F1 = 0 rather than NaN.
+    """
+    p = torch.as_tensor(predicted).bool().flatten()
+    y = torch.as_tensor(actual).bool().flatten()
+    if p.shape != y.shape:
+        raise ValueError(f"binary_scores: {p.numel()} predictions for {y.numel()} labels")
+    tp, fp = int((p & y).sum()), int((p & ~y).sum())
+    fn, tn = int((~p & y).sum()), int((~p & ~y).sum())
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "fpr": fp / (fp + tn) if fp + tn else 0.0,
+            "accuracy": (tp + tn) / max(1, p.numel())}
+
+
 @functools.lru_cache(maxsize=256)
 def t_quantile(p: float, dof: int) -> float:
     """The ``p`` quantile of Student's t with ``dof`` degrees of freedom (bisection on its CDF)."""

@@ -36,6 +36,17 @@ def say(trainer: L.Trainer | None, message: str) -> None:
         print(f"lantern: {message}", file=sys.stderr)
 
 
+def gather_objects(items: list) -> list:
+    """Every rank's items, on every rank (one process: the items)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return items
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
+
+
 def run_dir(trainer: L.Trainer) -> Path:
     """The run directory; call on every rank (``log_dir`` broadcasts)."""
     return Path(trainer.log_dir or trainer.default_root_dir)

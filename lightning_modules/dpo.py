@@ -30,7 +30,7 @@ from lantern.errors import ConfigError, require
 from lantern.lightning_modules.optim import AdamW, total_steps
 from lantern.models import completion_logprobs, load_model
 from lantern.models import lori
-from lantern.models.loading import load_tokenizer
+from lantern.models.loading import BYTE_MARKER, load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,28 @@ class AdapterCheckpoint:
         return super().load_state_dict(state_dict, strict=False, assign=assign)
 
 
+class ExportsModel:
+    """For a LightningModule with ``self.model``, ``self.lora``, ``self.tokenizer`` and ``model_name``,
+    ``seed`` and ``export`` hyperparameters: after ``fit``, the trained model as a plain Hugging Face
+    folder (``model/`` in the run directory, LoRA folded in) that any recipe loads by path."""
+
+    def trained_model(self):
+        if self.lora is None:
+            return self.model
+        return lori.merged_model(load_model(self.hparams.model_name, seed=self.hparams.seed), lori.lora_factors(self.model))
+
+    def on_fit_end(self) -> None:
+        out = reporting.run_dir(self.trainer) / "model"
+        if not self.hparams.export or not self.trainer.is_global_zero:
+            return
+        self.trained_model().save_pretrained(out, safe_serialization=True)
+        if hasattr(self.tokenizer, "tokenizer"):
+            self.tokenizer.tokenizer.save_pretrained(out)
+        else:
+            (out / BYTE_MARKER).write_text("this model reads the byte-level tokenizer\n")
+        reporting.say(self.trainer, f"trained model written to {out}")
+
+
 class DPOTerms(NamedTuple):
     loss: torch.Tensor  # [B] per pair
     chosen_rewards: torch.Tensor  # [B] β·(π_c − ref_c), detached
@@ -99,7 +121,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     return DPOTerms(-F.logsigmoid(chosen - rejected), chosen.detach(), rejected.detach())
 
 
-class DPO(AdapterCheckpoint, L.LightningModule):
+class DPO(AdapterCheckpoint, ExportsModel, L.LightningModule):
     def __init__(
         self,
         model_name: str = "smollm2-135m-instruct",
@@ -200,19 +222,3 @@ class DPO(AdapterCheckpoint, L.LightningModule):
 
     def configure_optimizers(self):
         return self.optim.configure(self.model, total_steps(self.trainer))
-
-    # ------------------------------------------------------------------ checkpoints and export
-    def trained_model(self):
-        """The policy as a plain Hugging Face model (LoRA folded into a fresh copy of the base)."""
-        if self.lora is None:
-            return self.model
-        return lori.merged_model(load_model(self.hparams.model_name, seed=self.hparams.seed), lori.lora_factors(self.model))
-
-    def on_fit_end(self) -> None:
-        out = reporting.run_dir(self.trainer) / "model"
-        if not self.hparams.export or not self.trainer.is_global_zero:
-            return
-        self.trained_model().save_pretrained(out, safe_serialization=True)
-        if hasattr(self.tokenizer, "tokenizer"):
-            self.tokenizer.tokenizer.save_pretrained(out)
-        reporting.say(self.trainer, f"trained model written to {out}")

@@ -47,7 +47,6 @@ from typing import Literal
 
 import lightning as L
 import torch
-import torch.distributed as dist
 
 from lantern import reporting
 from lantern.datamodules.preference import encode_pairs, model_key, reference_logprobs, reference_settings
@@ -488,7 +487,7 @@ class FRIT(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         rows = []
         for name in [self.hparams.model_name, *self.hparams.compare]:
-            results = {r["id"]: r for r in _gather(self._results.get(name, []))}.values()  # a sampler pads with repeats
+            results = {r["id"]: r for r in reporting.gather_objects(self._results.get(name, []))}.values()  # a sampler pads with repeats
             if results:
                 rows.append(faithfulness_row(name, list(results)))
         if not rows or self.trainer.sanity_checking:
@@ -521,12 +520,3 @@ def faithfulness_row(model: str, results: list[dict]) -> dict:
             "fully_faithful": fully, "fully_faithful_ci": fully_ci,
             "steps_per_trace": round(sum(r["steps"] for r in parsed) / max(1, len(parsed)), 2),
             "rewrite_fallbacks": sum(r["fallbacks"] for r in results)}
-
-
-def _gather(items: list) -> list:
-    """Every rank's items, on every rank (one process: the items)."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return items
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, items)
-    return [x for part in parts for x in part]

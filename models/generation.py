@@ -167,7 +167,7 @@ def generate(model, tokenizer, prompts: Sequence[str | Messages], sampling: Samp
         require(ok, "generate", f"prompts[{i}]", prompt, "a string or a list of {'role': ..., 'content': ...} messages")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wrappers
     ids = encode_prompts(tokenizer, prompts, system, chat)
-    max_positions = _max_positions(base)
+    max_positions = context_length(base)
     for i, row in enumerate(ids):
         if not row:
             raise ConfigError("generate", f"prompts[{i}]", prompts[i], "a prompt of at least one token")
@@ -292,7 +292,7 @@ def _text_config(model):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def _max_positions(model) -> int | None:
+def context_length(model) -> int | None:
     config = _text_config(model)
     for attr in ("max_position_embeddings", "n_positions"):
         value = getattr(config, attr, None)

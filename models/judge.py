@@ -19,7 +19,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Sequence
 
 from lantern.errors import ConfigError, LanternError, require
 
@@ -28,23 +28,41 @@ class JudgeError(LanternError, RuntimeError):
     """A judge could not answer (after its retries); the message says which and why."""
 
 
-class Judge(Protocol):
+class Judge:
+    """What every back-end provides; a config names one by ``class_path``."""
+
     key: str  # names the judge and every setting that changes its answers (keys the cache)
+    # An LLM that follows the instructions in its prompt (any rubric); a classifier such as a guardian
+    # answers one question whatever the prompt says, and only where a study asks that question.
+    follows_instructions: bool = True
 
-    def answer(self, prompts: Sequence[str]) -> list[str]: ...
+    def answer(self, prompts: Sequence[str]) -> list[str]:
+        raise NotImplementedError
+
+    def to(self, device) -> "Judge":
+        """Move local weights next to the model under study (nothing to move for a remote judge)."""
+        return self
 
 
-class LocalJudge:
+class LocalJudge(Judge):
     """A local causal LM as a judge: chat-formatted prompts, greedy answers of up to ``max_new_tokens``."""
 
     def __init__(self, model_name: str, max_new_tokens: int = 256, batch_size: int = 16, system: str | None = None,
-                 seed: int = 0):
+                 seed: int = 0, model=None, tokenizer=None):
+        """``model`` and ``tokenizer``, when given, are used instead of loading ``model_name`` (a study
+        that judges with the model it studies shares its weights)."""
         from lantern.models.loading import load_model, load_tokenizer
 
-        require(max_new_tokens >= 1, self, "max_new_tokens", max_new_tokens, "≥ 1")
-        self.model, self.tokenizer = load_model(model_name, seed=seed), load_tokenizer(model_name)
+        require(isinstance(max_new_tokens, int) and max_new_tokens >= 1, self, "max_new_tokens", max_new_tokens, "≥ 1")
+        require(isinstance(batch_size, int) and batch_size >= 1, self, "batch_size", batch_size, "≥ 1")
+        self.model = model if model is not None else load_model(model_name, seed=seed)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_name)
         self.max_new_tokens, self.batch_size, self.system = max_new_tokens, batch_size, system
-        self.key = f"local:{model_name}:{self.tokenizer.fingerprint}:{max_new_tokens}:{system}"
+        self.key = f"local:{weights_id(model_name, seed)}:{self.tokenizer.fingerprint}:{max_new_tokens}:{system}"
+
+    def to(self, device) -> "LocalJudge":
+        self.model.to(device)
+        return self
 
     def answer(self, prompts: Sequence[str]) -> list[str]:
         from lantern.models.generation import Sampling, generate
@@ -54,7 +72,17 @@ class LocalJudge:
         return list(out.text)
 
 
-class HTTPJudge:
+def weights_id(model_name: str, seed: int) -> str:
+    """Names a local model's weights in a cache key: a folder by its resolved path and its weight files'
+    sizes and times (so a retrained ``latest/model`` is a new judge); a tiny model by its seed."""
+    path = Path(model_name).expanduser()
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
+        return f"{path.resolve()}:" + ",".join(f"{f.name}={f.stat().st_size}@{f.stat().st_mtime_ns}" for f in files)
+    return f"{model_name}:seed{seed}"
+
+
+class HTTPJudge(Judge):
     """An OpenAI-compatible ``/chat/completions`` endpoint as a judge.
 
     Transient failures (connection errors, timeouts, HTTP 408/429/5xx, a reply that is not the
@@ -134,7 +162,11 @@ class ResponseCache:
         self.answers: dict[str, str] = {}
         self._lock = threading.Lock()
         if self.path.is_file():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
+            text = self.path.read_text(encoding="utf-8")
+            if text and not text.endswith("\n"):  # cut short mid-line: end it, so the next answer starts afresh
+                with self.path.open("a", encoding="utf-8") as fh:
+                    fh.write("\n")
+            for line in text.splitlines():
                 try:
                     record = json.loads(line)
                     self.answers[record["key"]] = record["answer"]
@@ -154,13 +186,23 @@ class ResponseCache:
 
 def ask(judge: Judge, prompts: Sequence[str], cache: ResponseCache | None = None, chunk: int = 64) -> list[str]:
     """The judge's answer to every prompt; cached answers are reused and new ones saved in chunks of ``chunk``."""
+    prompts = list(prompts)
+    if not prompts:
+        return []
     if cache is None:
-        return judge.answer(list(prompts))
+        return _answers(judge, prompts)
     keys = [cache.key(judge, p) for p in prompts]
     todo = list(dict.fromkeys(k for k in keys if k not in cache.answers))
     prompt_of = dict(zip(keys, prompts))
     for start in range(0, len(todo), chunk):
         part = todo[start: start + chunk]
-        for k, answer in zip(part, judge.answer([prompt_of[k] for k in part])):
+        for k, answer in zip(part, _answers(judge, [prompt_of[k] for k in part])):
             cache.add(k, answer)
     return [cache.answers[k] for k in keys]
+
+
+def _answers(judge: Judge, prompts: list[str]) -> list[str]:
+    answers = list(judge.answer(prompts))
+    if len(answers) != len(prompts) or not all(isinstance(a, str) for a in answers):
+        raise JudgeError(f"judge {judge.key}: {len(answers)} answers for {len(prompts)} prompts (expected one text each)")
+    return answers

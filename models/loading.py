@@ -112,9 +112,12 @@ class HFTokenizer:
         return self.tokenizer.decode(list(ids))
 
 
+BYTE_MARKER = "byte_tokenizer"  # in a saved model folder: the model reads bytes (a trained tiny model)
+
+
 def load_tokenizer(name: str = "byte") -> TextTokenizer:
     """``byte``, a tiny model's name (byte-level), an embedded model, a local path or a hub id."""
-    if name == "byte" or name in TINY_CONFIGS:
+    if name == "byte" or name in TINY_CONFIGS or (Path(name).expanduser() / BYTE_MARKER).is_file():
         return ByteTokenizer()
     from transformers import AutoTokenizer
 

@@ -26,6 +26,10 @@ FRIT = ["--config", str(ROOT / "configs/frit/pairs_smollm2.yaml"), "--model.init
         "--data.init_args.shots", "0", "--data.init_args.n_calibration", "2"]
 DPO = ["fit", "--config", str(ROOT / "configs/frit/dpo_smollm2.yaml"), "--model.init_args.model_name", "tiny-llama"]
 PAIR = '{"prompt": "hi", "chosen": "a", "rejected": "b"}\n'
+EM = ["validate", "--config", str(ROOT / "configs/em_icl/smollm2.yaml"), "--model.init_args.model_name", "tiny-llama",
+      "--model.init_args.judge", "null"]
+GUARD = ["fit", "--config", str(ROOT / "configs/guardian/sft_smollm2.yaml"), "--model.init_args.model_name", "tiny-llama"]
+GUARD_ROW = '{"policy": ["No refunds."], "dialogue": [{"role": "user", "content": "hi"}, {"role": "agent", "content": "ok"}], '
 
 
 @pytest.fixture(scope="module")
@@ -192,6 +196,30 @@ CASES = {
                                                  "model.init_args.lora.target_modules=['qkv']: expected projection names"),
     "DPO held-out share 1": (lambda t, c: DPO + ["--data.init_args.val_fraction", "1", "--data.init_args.train", _write(t / "p.jsonl", PAIR * 4)],
                              "data.init_args.val_fraction=1"),
+    # emergent misalignment from many-shot ICL
+    "EM variant that does not exist": (lambda t, c: EM + ["--data.init_args.variants", "[loud]"], "data.init_args.variants=['loud']"),
+    "EM dataset that is not there": (lambda t, c: EM + ["--data.init_args.datasets", f"[{t}/none.jsonl]"],
+                                     "'{t}/none.jsonl' is not a file"),
+    "EM pairs without the assistant turn": (lambda t, c: EM + ["--data.init_args.datasets", "[" + _write(t / "p.jsonl", '{"user": "hi"}') + "]"],
+                                            "p.jsonl:1: expected non-empty text fields 'user' and 'assistant'"),
+    "EM k beyond the dataset": (lambda t, c: EM + ["--data.init_args.ks", "[500]"], "k = 500 but builtin:finance has"),
+    "EM answers of a run that is not there": (lambda t, c: EM + ["--model.init_args.answers_from", str(t / "a.jsonl")],
+                                              "model.init_args.answers_from='{t}/a.jsonl'"),
+    "EM guardian judge without a coherence judge": (lambda t, c: EM + ["--model.init_args.judge.class_path", "lantern.lightning_modules.GuardianJudge",
+                                                                       "--model.init_args.judge.init_args.model_name", "tiny-llama"],
+                                                    "coherence_judge='GuardianJudge': expected a judge that follows a rubric"),
+    "EM HTTP judge without its key": (lambda t, c: EM + ["--model.init_args.judge.class_path", "lantern.models.judge.HTTPJudge",
+                                                         "--model.init_args.judge.init_args.base_url", "http://127.0.0.1:9/v1",
+                                                         "--model.init_args.judge.init_args.model", "m",
+                                                         "--model.init_args.judge.init_args.api_key_env", "LANTERN_NO_SUCH_KEY"],
+                                      "api_key_env='LANTERN_NO_SUCH_KEY'"),
+    # guardians
+    "guardian mode that does not exist": (lambda t, c: GUARD + ["--data.init_args.mode", "slow"], "mode"),
+    "guardian data that is not there": (lambda t, c: GUARD + ["--data.init_args.train", f"[{t}/g.jsonl]"], "'{t}/g.jsonl': expected builtin:train"),
+    "guardian label that is neither": (lambda t, c: GUARD + ["--data.init_args.train", "[" + _write(t / "g.jsonl", GUARD_ROW + '"label": "MAYBE"}') + "]"],
+                                       "g.jsonl:1: label 'MAYBE' is not PASS or FAIL"),
+    "guardian GRPO with one reply per group": (lambda t, c: GUARD + ["--model.init_args.grpo", "{group_size: 1}"], "grpo.group_size=1"),
+    "guardian FPR target of one": (lambda t, c: GUARD + ["--model.init_args.target_fpr", "1"], "model.init_args.target_fpr=1"),
 }
 
 

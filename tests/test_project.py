@@ -35,6 +35,7 @@ def test_ci_runs_the_readme_quickstart_commands():
          ["als_time_per_token", "latent_seek_time_per_problem"]),
         ("dpo_step.py", ["--model", "tiny-llama", "--prompt", "32", "--reply", "8"], ["dpo_step"]),
         ("canary_scoring.py", ["--model", "tiny-llama", "--canaries", "20", "--batch", "10"], ["canary_scoring"]),
+        ("judge_throughput.py", ["--prompts", "8", "--latency", "0.01"], ["judge_throughput"]),
     ],
 )
 def test_benchmarks_print_their_ratios(script, extra, names):
